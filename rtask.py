@@ -1,0 +1,2003 @@
+#!/usr/bin/env python3
+"""rtask: a secure task runner that turns configured commands into authenticated HTTP endpoints.
+
+A CI job, a cron script or a webhook sender POSTs to ``/tasks/<name>``; rtask checks the
+credential, applies the task's limits, runs the command (no shell) with the request body on
+stdin, and answers with the exit status and output, or, for async tasks, a task id to poll.
+
+Start::
+
+    pip install -r requirements.txt && python3 rtask.py add-key ci && python3 rtask.py run
+
+The contract (names, formats, status codes, defaults) is SPEC.md; README.md is the manual.
+The file reads in the order of a request's path: constants → configuration → key store →
+authentication → limits → execution → results → HTTP → metrics → logging → CLI.
+
+License: MIT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import dataclasses
+import difflib
+import errno
+import fcntl
+import hashlib
+import heapq
+import hmac
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import selectors
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote
+
+__version__ = "0.1.0"
+
+# =============================================================================================
+# Constants and defaults
+# =============================================================================================
+
+DEFAULT_CONFIG_PATH = "./config.toml"
+DEFAULT_KEYS_PATH = "./keys.toml"
+DEFAULT_API_ADDRESS = "localhost:8800"
+DEFAULT_METRICS_ADDRESS = "localhost:9090"
+
+TASK_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+KEY_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+TASK_ID_RE = re.compile(r"[a-z2-7]{16}")
+
+# Key format of the Go RTask (SPEC §4): these values are written into every new key entry.
+KEY_BYTES = 40
+SALT_BYTES = 16
+ARGON2_TIME = 1
+ARGON2_MEMORY_MIB = 64
+ARGON2_THREADS = 4
+MAX_KEY_ID = 999
+MAX_TOKEN_CHARS = 4096  # a real key is 62 characters; anything far longer is not a key
+
+# Argon2 costs ~65 ms and 64 MiB per verification, so concurrent verifications are bounded;
+# a request that cannot get a slot within the wait gets 503 instead of piling up memory.
+ARGON2_MAX_CONCURRENT = 2
+ARGON2_SLOT_WAIT_SECONDS = 2.0
+# Verified keys are cached (by an HMAC of the token, never the token) so a repeated good key
+# costs microseconds instead of an Argon2 run. Any change of keys.toml empties the cache.
+KEY_CACHE_SIZE = 1024
+KEY_CACHE_TTL_SECONDS = 300.0
+KEY_FILE_CHECK_INTERVAL = 1.0  # seconds between stat() calls on keys.toml in a running server
+
+# HTTP hygiene: every resource a caller can grow is bounded.
+MAX_CONNECTIONS = 1024  # open client connections (one handler thread each)
+REQUEST_READ_TIMEOUT = 10.0  # seconds to send a whole request (line, headers, body)
+KEEPALIVE_IDLE_TIMEOUT = 30.0  # seconds an idle keep-alive connection is kept open
+SOCKET_WRITE_TIMEOUT = 30.0  # a client that stops reading its answer is dropped after this
+MAX_REQUEST_LINE = 8192
+MAX_HEADER_LINE = 8192
+MAX_HEADERS = 100
+DISCARD_BODY_LIMIT = 1 << 20  # unread bodies up to this size are drained to keep the connection
+
+# Execution.
+READ_CHUNK = 65536
+PIPE_GRACE_SECONDS = 0.5  # after a normal exit, how long to wait for pipes held by daemons
+KILL_GRACE_SECONDS = 2.0  # SIGTERM → SIGKILL: time for a task to clean up before it is killed
+MAX_RUNS_IN_FLIGHT = 512  # server-wide bound on running processes, whatever the task limits
+MAX_RESULTS_KEPT = 1000  # per task: finished results kept for polling (oldest dropped first)
+
+
+# =============================================================================================
+# Configuration (config.toml)
+# =============================================================================================
+
+
+class ConfigError(Exception):
+    """A user mistake in a file or on the command line: printed as one sentence, exit 1."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """One ``[tasks.<name>]`` table, validated. Field comments give the unit and default."""
+
+    name: str
+    command: tuple[str, ...]  # program and arguments; run directly, never through a shell
+    workdir: str | None = None  # working directory; None: the server's cwd
+    api_key_names: tuple[str, ...] = ()  # keys that may call /tasks/<name>; () = no such route
+    webhooks: tuple[tuple[str, str], ...] = ()  # (name, secret) from webhookSecrets(+Files)
+    environment: tuple[tuple[str, str], ...] = ()  # extra environment variables
+    pass_request_headers: tuple[str, ...] = ()  # header names passed as REQUEST_HEADER_* vars
+    is_async: bool = False  # answer with a task id at once, run in the background
+    retention_seconds: float = 60.0  # how long a finished result stays readable
+    rate_limit: float = 0.0  # requests per second, burst 1; 0 = unlimited
+    max_concurrent: int = 0  # running executions at once; 0 = unlimited
+    max_input_bytes: int = 16384  # largest request body
+    max_output_bytes: int = 16384  # stdout and stderr are each cut to this many bytes
+    timeout_seconds: float = 30.0  # then the process group gets SIGTERM, SIGKILL 2 s later
+    merge_stderr: bool = False  # stderr goes into stdout
+    histogram_buckets: tuple[float, ...] | None = None  # None: Prometheus default buckets
+
+    @property
+    def env_names(self) -> dict[str, str]:
+        """Header name → environment variable name, for passRequestHeaders."""
+        return {h: "REQUEST_HEADER_" + re.sub(r"[^A-Za-z0-9_]", "_", h).upper()
+                for h in self.pass_request_headers}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    path: str
+    tasks: dict[str, TaskSpec]
+
+    def webhook_index(self) -> dict[bytes, tuple[TaskSpec, str]]:
+        """sha256(secret) → (task, webhook name). Looking a secret up by its digest keeps the
+        dictionary's timing independent of how much of a guessed secret is right."""
+        return {_digest(secret): (task, name)
+                for task in self.tasks.values() for name, secret in task.webhooks}
+
+
+class _Invalid(Exception):
+    """A value of the wrong type or range; the loader adds file, task and field."""
+
+
+def _bool(value):
+    if not isinstance(value, bool):
+        raise _Invalid("must be true or false")
+    return value
+
+
+def _number(value, *, positive=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _Invalid("must be a number")
+    if positive and value <= 0:
+        raise _Invalid("must be greater than 0")
+    if value < 0:
+        raise _Invalid("must not be negative")
+    return float(value)
+
+
+def _integer(value, *, positive=False):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid("must be a whole number")
+    if positive and value <= 0:
+        raise _Invalid("must be greater than 0")
+    if value < 0:
+        raise _Invalid("must not be negative")
+    return value
+
+
+def _string(value):
+    if not isinstance(value, str) or not value:
+        raise _Invalid("must be a non-empty string")
+    if "\0" in value:
+        raise _Invalid("must not contain a NUL character")
+    return value
+
+
+def _string_list(value, *, non_empty=False):
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise _Invalid("must be an array of non-empty strings")
+    if non_empty and not value:
+        raise _Invalid("must not be empty")
+    if any("\0" in v for v in value):
+        raise _Invalid("must not contain a NUL character")
+    return tuple(value)
+
+
+def _string_table(value):
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise _Invalid("must be a table of strings")
+    if any(not k or "\0" in k or "\0" in v for k, v in value.items()):
+        raise _Invalid("must not have empty names or NUL characters")
+    return value
+
+
+def _environment(value):
+    table = _string_table(value)
+    bad = [k for k in table if "=" in k]
+    if bad:
+        raise _Invalid(f"has a variable name with '=' in it: {bad[0]!r}")
+    return tuple(table.items())
+
+
+def _header_names(value):
+    names = _string_list(value)
+    bad = [n for n in names if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", n)]
+    if bad:
+        raise _Invalid(f"has an invalid header name: {bad[0]!r}")
+    return names
+
+
+def _buckets(value):
+    if not isinstance(value, list) or not value:
+        raise _Invalid("must be a non-empty array of numbers")
+    numbers = [_number_any(v) for v in value]
+    if any(b >= a for a, b in zip(numbers[1:], numbers)):
+        raise _Invalid("must be strictly increasing")
+    return tuple(numbers)
+
+
+def _number_any(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise _Invalid("must be an array of numbers")
+    return float(value)
+
+
+# key in config.toml → (TaskSpec field, validator). The order is the reference order.
+_TASK_OPTIONS = {
+    "command": ("command", lambda v: _string_list(v, non_empty=True)),
+    "workdir": ("workdir", _string),
+    "apiKeyNames": ("api_key_names", _string_list),
+    "webhookSecrets": (None, _string_table),
+    "webhookSecretFiles": (None, _string_table),
+    "environment": ("environment", _environment),
+    "passRequestHeaders": ("pass_request_headers", _header_names),
+    "async": ("is_async", _bool),
+    "asyncResultRetentionSeconds": ("retention_seconds", lambda v: _number(v, positive=True)),
+    "rateLimit": ("rate_limit", _number),
+    "maxConcurrentTasks": ("max_concurrent", _integer),
+    "maxInputBytes": ("max_input_bytes", lambda v: _integer(v, positive=True)),
+    "maxOutputBytes": ("max_output_bytes", lambda v: _integer(v, positive=True)),
+    "executionTimeoutSeconds": ("timeout_seconds", lambda v: _number(v, positive=True)),
+    "mergeStderr": ("merge_stderr", _bool),
+    "durationHistogramBuckets": ("histogram_buckets", _buckets),
+}
+# Spellings of the older RTask README: old key → (new key, how the value translates).
+_DEPRECATED_OPTIONS = {
+    "blocking": ("async", lambda blocking: not blocking),
+    "redirectStderr": ("mergeStderr", lambda merge: merge),
+}
+
+
+@dataclasses.dataclass
+class Problems:
+    """Everything wrong with the files, collected so that one run reports it all."""
+
+    errors: list[str] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    def raise_if_errors(self):
+        if self.errors:
+            raise ConfigError("\n".join(self.errors))
+
+
+def load_config(path: str, problems: Problems) -> Config:
+    """Read and validate config.toml; add every problem to ``problems`` (errors and warnings).
+
+    Relative paths inside the file (workdir, webhookSecretFiles) are taken relative to the
+    directory of the config file, so the server behaves the same whatever its cwd."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found (pass --config PATH or create it)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it: {e.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+    base_dir = os.path.dirname(os.path.abspath(path))
+    for key in raw:
+        if key != "tasks":
+            problems.errors.append(f"{path}: unknown top-level key {key!r}{_suggest(key, ['tasks'])}")
+    tables = raw.get("tasks", {})
+    if not isinstance(tables, dict):
+        problems.errors.append(f"{path}: 'tasks' must be a table of [tasks.<name>] tables")
+        tables = {}
+    if not tables:
+        problems.warnings.append(f"{path}: no tasks are configured")
+
+    tasks = {}
+    for name, table in tables.items():
+        task = _parse_task(path, base_dir, name, table, problems)
+        if task is not None:
+            tasks[name] = task
+    _check_unique_webhook_secrets(path, tasks, problems)
+    return Config(path=path, tasks=tasks)
+
+
+def _parse_task(path, base_dir, name, table, problems: Problems) -> TaskSpec | None:
+    where = f"{path}: task {name!r}"
+    if not TASK_NAME_RE.fullmatch(name):
+        problems.errors.append(f"{where}: the name may only use letters, digits, '_', '.', '-'")
+        return None
+    if not isinstance(table, dict):
+        problems.errors.append(f"{where}: must be a table ([tasks.{name}])")
+        return None
+    table = _translate_deprecated(where, table, problems)
+    fields, ok = {}, True
+    for key, value in table.items():
+        if key not in _TASK_OPTIONS:
+            problems.errors.append(f"{where}: unknown field {key!r}{_suggest(key, _TASK_OPTIONS)}")
+            ok = False
+            continue
+        attr, validate = _TASK_OPTIONS[key]
+        try:
+            checked = validate(value)
+        except _Invalid as e:
+            problems.errors.append(f"{where}: field {key!r} {e}")
+            ok = False
+            continue
+        if attr:
+            fields[attr] = checked
+    if "command" not in table:
+        problems.errors.append(f"{where}: field 'command' is required (an array like [\"/bin/echo\", \"hi\"])")
+        ok = False
+    webhooks = _load_webhook_secrets(where, base_dir, table, problems)
+    if not ok or webhooks is None:
+        return None
+    if "workdir" in fields:
+        fields["workdir"] = os.path.join(base_dir, fields["workdir"])
+    task = TaskSpec(name=name, webhooks=webhooks, **fields)
+    _warn_about_task(where, task, problems)
+    return task
+
+
+def _translate_deprecated(where, table, problems: Problems) -> dict:
+    table = dict(table)
+    for old, (new, translate) in _DEPRECATED_OPTIONS.items():
+        if old not in table:
+            continue
+        if new in table:
+            problems.errors.append(f"{where}: fields {old!r} and {new!r} are the same option; keep only {new!r}")
+            del table[old]
+            continue
+        value = table.pop(old)
+        if isinstance(value, bool):
+            table[new] = translate(value)
+            problems.warnings.append(f"{where}: field {old!r} is deprecated; write {new} = {str(translate(value)).lower()}")
+        else:
+            problems.errors.append(f"{where}: field {old!r} must be true or false")
+    return table
+
+
+def _load_webhook_secrets(where, base_dir, table, problems: Problems):
+    """(name, secret) pairs from webhookSecrets and webhookSecretFiles; None on an error."""
+    pairs, ok = [], True
+    inline = table.get("webhookSecrets")
+    files = table.get("webhookSecretFiles")
+    if isinstance(inline, dict):
+        pairs += [(n, s) for n, s in inline.items() if isinstance(s, str)]
+        if any(not s.strip() for _, s in pairs):
+            problems.errors.append(f"{where}: field 'webhookSecrets' has an empty secret")
+            ok = False
+    if isinstance(files, dict):
+        for wh_name, file_path in files.items():
+            if not isinstance(file_path, str):
+                continue
+            if isinstance(inline, dict) and wh_name in inline:
+                problems.errors.append(f"{where}: webhook {wh_name!r} is in both webhookSecrets and webhookSecretFiles")
+                ok = False
+                continue
+            full = os.path.join(base_dir, file_path)
+            try:
+                with open(full, encoding="utf-8") as f:
+                    secret = f.read().strip()
+            except (OSError, UnicodeDecodeError) as e:
+                reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+                problems.errors.append(f"{where}: field 'webhookSecretFiles' entry {wh_name!r}: cannot read {full}: {reason}")
+                ok = False
+                continue
+            if not secret:
+                problems.errors.append(f"{where}: field 'webhookSecretFiles' entry {wh_name!r}: {full} is empty")
+                ok = False
+                continue
+            pairs.append((wh_name, secret))
+    return tuple(pairs) if ok else None
+
+
+def _check_unique_webhook_secrets(path, tasks, problems: Problems):
+    seen = {}
+    for task in tasks.values():
+        for wh_name, secret in task.webhooks:
+            other = seen.get(secret)
+            if other:
+                problems.errors.append(
+                    f"{path}: task {task.name!r}: webhook {wh_name!r} uses the same secret as "
+                    f"webhook {other[1]!r} of task {other[0]!r}; every webhook needs its own secret")
+            seen[secret] = (task.name, wh_name)
+
+
+def _warn_about_task(where, task: TaskSpec, problems: Problems):
+    if not task.api_key_names and not task.webhooks:
+        problems.warnings.append(f"{where}: has neither apiKeyNames nor webhook secrets, so nothing can call it")
+    if task.workdir and not os.path.isdir(task.workdir):
+        problems.warnings.append(f"{where}: workdir {task.workdir} does not exist (yet); runs will fail until it does")
+    program = task.command[0]
+    if "/" in program:
+        program_path = os.path.join(task.workdir or os.getcwd(), program)
+        if not os.access(program_path, os.X_OK):
+            problems.warnings.append(f"{where}: command {program} is not an executable file (yet)")
+    elif not _which(program):
+        problems.warnings.append(f"{where}: command {program!r} is not found on PATH")
+
+
+def _which(program):
+    return any(os.access(os.path.join(d, program), os.X_OK)
+               for d in os.environ.get("PATH", os.defpath).split(os.pathsep) if d)
+
+
+def _suggest(word, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()
+
+
+def warn_about_unknown_key_names(config: Config, key_names, keys_path, problems: Problems):
+    """A key named by a task but not in keys.toml yet: a warning, since a fresh install
+    configures tasks first and adds keys after."""
+    for task in config.tasks.values():
+        for name in task.api_key_names:
+            if name not in key_names:
+                problems.warnings.append(
+                    f"{config.path}: task {task.name!r}: key {name!r} is not in {keys_path} yet; "
+                    f"create it with: rtask add-key {name}")
+
+
+# =============================================================================================
+# Key store (keys.toml, byte-compatible with the Go RTask)
+# =============================================================================================
+#
+# The key handed out:   base64url(no padding) of CBOR {1: id, 2: key}
+# The stored entry:     base64url(no padding) of CBOR {1: id, 2: salt, 3: time, 4: memory_mib,
+#                       5: threads, 6: argon2id(key, salt, ...)}
+# As the Go writer does, a field whose value is zero or empty is left out (id 0 has no field 1),
+# and a missing field decodes as zero/empty.
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredKey:
+    name: str
+    id: int
+    salt: bytes
+    time: int
+    memory_mib: int
+    threads: int
+    hash: bytes
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64decode(text: str) -> bytes:
+    """Strict base64url without padding; ValueError on anything else."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]*", text) or len(text) % 4 == 1:
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _cbor_int_map(fields: dict[int, object]) -> bytes:
+    import cbor2
+    return cbor2.dumps({k: v for k, v in fields.items() if v})  # zero/empty omitted, as in Go
+
+
+def _decode_int_map(text: str, types: dict[int, type]) -> dict[int, object]:
+    """Decode base64url CBOR with small-integer keys; missing fields become 0 / b""."""
+    import cbor2
+    try:
+        value = cbor2.loads(_b64decode(text))
+    except Exception as e:  # cbor2 raises several types on hostile input; all mean "not a key"
+        raise ValueError("not CBOR") from e
+    if not isinstance(value, dict):
+        raise ValueError("not a CBOR map")
+    out = {}
+    for field, kind in types.items():
+        item = value.get(field, kind())
+        if type(item) is not kind or (kind is int and not 0 <= item < 2**32):
+            raise ValueError(f"field {field} has the wrong type")
+        out[field] = item
+    return out
+
+
+def encode_api_key(key_id: int, key: bytes) -> str:
+    return _b64encode(_cbor_int_map({1: key_id, 2: key}))
+
+
+def decode_api_key(token: str) -> tuple[int, bytes]:
+    fields = _decode_int_map(token, {1: int, 2: bytes})
+    if not fields[2]:
+        raise ValueError("empty key")
+    return fields[1], fields[2]
+
+
+def encode_stored_key(k: StoredKey) -> str:
+    return _b64encode(_cbor_int_map(
+        {1: k.id, 2: k.salt, 3: k.time, 4: k.memory_mib, 5: k.threads, 6: k.hash}))
+
+
+def decode_stored_key(name: str, text: str) -> StoredKey:
+    f = _decode_int_map(text, {1: int, 2: bytes, 3: int, 4: int, 5: int, 6: bytes})
+    key = StoredKey(name, f[1], f[2], f[3], f[4], f[5], f[6])
+    if not (1 <= key.time <= 100 and 1 <= key.memory_mib <= 4096 and 1 <= key.threads <= 255
+            and len(key.hash) >= 4 and len(key.salt) >= 8):
+        raise ValueError("Argon2 parameters out of range")
+    return key
+
+
+def argon2id(secret: bytes, salt: bytes, time_cost: int, memory_mib: int, threads: int,
+             length: int) -> bytes:
+    from argon2.low_level import Type, hash_secret_raw
+    return hash_secret_raw(secret, salt, time_cost=time_cost, memory_cost=memory_mib * 1024,
+                           parallelism=threads, hash_len=length, type=Type.ID)
+
+
+def new_stored_key(name: str, key_id: int) -> tuple[StoredKey, str]:
+    """A fresh key: (what keys.toml stores, the token handed to the user once)."""
+    key = secrets.token_bytes(KEY_BYTES)
+    salt = secrets.token_bytes(SALT_BYTES)
+    digest = argon2id(key, salt, ARGON2_TIME, ARGON2_MEMORY_MIB, ARGON2_THREADS, len(key))
+    stored = StoredKey(name, key_id, salt, ARGON2_TIME, ARGON2_MEMORY_MIB, ARGON2_THREADS, digest)
+    return stored, encode_api_key(key_id, key)
+
+
+def parse_key_file(path: str) -> dict[str, StoredKey]:
+    """Read keys.toml; a missing file is an empty store. ConfigError names the bad entry."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it: {e.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    keys, ids = {}, {}
+    for name, text in raw.items():
+        if not isinstance(text, str):
+            raise ConfigError(f"{path}: key {name!r} must be a string (as written by add-key)")
+        try:
+            key = decode_stored_key(name, text)
+        except ValueError as e:
+            raise ConfigError(f"{path}: key {name!r} is not a valid key entry ({e}); "
+                              f"remove it and create it again with add-key") from None
+        if key.id in ids:
+            raise ConfigError(f"{path}: keys {ids[key.id]!r} and {name!r} have the same id {key.id}")
+        ids[key.id] = name
+        keys[name] = key
+    return keys
+
+
+def _toml_key(name: str) -> str:
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name)
+
+
+def write_key_file(path: str, keys: dict[str, StoredKey]):
+    """Replace keys.toml atomically: temp file in the same directory (0600), fsync, rename,
+    fsync the directory. A crash leaves either the old file or the new one, never half."""
+    directory = os.path.dirname(os.path.abspath(path))
+    text = "".join(f"{_toml_key(n)} = \"{encode_stored_key(k)}\"\n" for n, k in sorted(keys.items()))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".keys.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class KeyFileLock:
+    """An exclusive flock on ``<keys>.lock`` beside keys.toml, so that concurrent add-key and
+    remove-key runs serialize their read-modify-write. (Locking keys.toml itself would not
+    work: the atomic rename replaces the file that the other process holds the lock on.)"""
+
+    def __init__(self, keys_path: str):
+        self.path = keys_path + ".lock"
+
+    def __enter__(self):
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise ConfigError(f"{self.path}: cannot create the lock file: {e.strerror}") from None
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
+def add_key(keys_path: str, name: str) -> str:
+    """Create key ``name`` with the lowest free id; return the token to show once."""
+    if not KEY_NAME_RE.fullmatch(name):
+        raise ConfigError(f"key name {name!r} may only use letters, digits, '_', '.', '-'")
+    with KeyFileLock(keys_path):
+        keys = parse_key_file(keys_path)
+        if name in keys:
+            raise ConfigError(f"{keys_path}: key {name!r} already exists; use remove-key first")
+        used = {k.id for k in keys.values()}
+        free = next((i for i in range(MAX_KEY_ID + 1) if i not in used), None)
+        if free is None:
+            raise ConfigError(f"{keys_path}: all {MAX_KEY_ID + 1} key ids are in use; remove a key first")
+        stored, token = new_stored_key(name, free)
+        keys[name] = stored
+        write_key_file(keys_path, keys)
+    return token
+
+
+def remove_key(keys_path: str, name: str):
+    with KeyFileLock(keys_path):
+        keys = parse_key_file(keys_path)
+        if name not in keys:
+            raise ConfigError(f"{keys_path}: there is no key named {name!r} (see list-keys)")
+        del keys[name]
+        write_key_file(keys_path, keys)
+
+
+# =============================================================================================
+# Authentication and permissions
+# =============================================================================================
+
+
+class Reject(Exception):
+    """An answered refusal: HTTP status, error code, sentence, and the metric reason."""
+
+    def __init__(self, status, code, message, reason=None, headers=()):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.reason, self.headers = reason, tuple(headers)
+
+
+def unauthorized(reason, message):
+    return Reject(401, "unauthorized", message, reason)
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """Who made a request: a key name or a webhook name (labels metrics, logs, RTASK_CALLER)."""
+
+    name: str
+    kind: str  # "api_key" or "webhook"
+
+
+class KeyRing:
+    """The keys of a running server: verification, the verified-key cache, and live reload.
+
+    keys.toml is stat()ed at most once a second; a changed file is parsed and replaces the set
+    at once (add-key and remove-key need no restart), and the cache is emptied so a removed key
+    stops working on the next check. A file that fails to parse is logged and the previous set
+    stays in force."""
+
+    def __init__(self, path: str, keys: dict[str, StoredKey]):
+        self.path = path
+        self._by_id = {k.id: k for k in keys.values()}
+        self._stamp = self._file_stamp()
+        self._checked = time.monotonic()
+        self._lock = threading.Lock()
+        self._cache: collections.OrderedDict[bytes, tuple[str, float]] = collections.OrderedDict()
+        self._cache_secret = secrets.token_bytes(32)  # per process: cache keys are useless elsewhere
+        self._argon2_slots = threading.BoundedSemaphore(ARGON2_MAX_CONCURRENT)
+
+    @property
+    def names(self) -> set[str]:
+        return {k.name for k in self._by_id.values()}
+
+    def _file_stamp(self):
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def reload_if_changed(self):
+        now = time.monotonic()
+        if now - self._checked < KEY_FILE_CHECK_INTERVAL:
+            return
+        with self._lock:
+            if now - self._checked < KEY_FILE_CHECK_INTERVAL:
+                return
+            self._checked = now
+            stamp = self._file_stamp()
+            if stamp == self._stamp:
+                return
+            self._stamp = stamp
+            try:
+                keys = parse_key_file(self.path)
+            except ConfigError as e:
+                log.error("keys file changed but cannot be used; the previous keys stay in force",
+                          extra={"fields": {"problem": str(e)}})
+                return
+            self._by_id = {k.id: k for k in keys.values()}
+            self._cache.clear()
+            log.info("keys reloaded", extra={"fields": {"keys": len(keys), "file": self.path}})
+
+    def verify(self, token: str) -> str:
+        """The name of the key ``token`` is, or Reject(401). Unknown ids never reach Argon2."""
+        self.reload_if_changed()
+        tag = hmac.digest(self._cache_secret, token.encode("utf-8", "surrogateescape"), "sha256")
+        name = self._cached(tag)
+        if name:
+            return name
+        try:
+            if len(token) > MAX_TOKEN_CHARS:
+                raise ValueError("too long")
+            key_id, key = decode_api_key(token)
+        except ValueError:
+            raise unauthorized("invalid_key_encoding", "The API key is malformed.") from None
+        by_id = self._by_id
+        stored = by_id.get(key_id)
+        if stored is None or len(key) != len(stored.hash):
+            raise unauthorized("invalid_key", "The API key is not valid.")
+        if not self._argon2_slots.acquire(timeout=ARGON2_SLOT_WAIT_SECONDS):
+            raise Reject(503, "unavailable", "Too many key verifications at once; retry shortly.",
+                         "auth_overloaded", [("Retry-After", "1")])
+        try:
+            digest = argon2id(key, stored.salt, stored.time, stored.memory_mib, stored.threads,
+                              len(stored.hash))
+        finally:
+            self._argon2_slots.release()
+        if not hmac.compare_digest(digest, stored.hash):
+            raise unauthorized("invalid_key", "The API key is not valid.")
+        with self._lock:
+            if self._by_id is by_id:  # not reloaded meanwhile: the key may have been removed
+                self._cache[tag] = (stored.name, time.monotonic() + KEY_CACHE_TTL_SECONDS)
+                if len(self._cache) > KEY_CACHE_SIZE:
+                    self._cache.popitem(last=False)
+        return stored.name
+
+    def _cached(self, tag: bytes) -> str | None:
+        with self._lock:
+            hit = self._cache.get(tag)
+            if hit is None:
+                return None
+            if hit[1] < time.monotonic():
+                del self._cache[tag]
+                return None
+            self._cache.move_to_end(tag)
+            return hit[0]
+
+
+def bearer_token(headers: Headers) -> str:
+    """The token of ``Authorization: Bearer <token>``, or Reject(401)."""
+    values = headers.get_all("authorization")
+    if not values:
+        raise unauthorized("missing_key", "An API key is required: send 'Authorization: Bearer <key>'.")
+    scheme, _, token = values[0].strip().partition(" ")
+    token = token.strip()
+    if len(values) > 1 or scheme.lower() != "bearer" or not token or " " in token:
+        raise unauthorized("invalid_header", "The Authorization header must be 'Bearer <key>'.")
+    return token
+
+
+def authorize_task_key(key_name: str, task: TaskSpec, action: str):
+    """A verified key may use a task only when the task's apiKeyNames names it."""
+    if key_name not in task.api_key_names:
+        raise Reject(403, "forbidden", f"Missing required permission: tasks:{action}:{task.name}",
+                     "key_not_allowed")
+
+
+# =============================================================================================
+# Limits (rate, concurrency)
+# =============================================================================================
+
+
+class RateLimiter:
+    """Token bucket with a burst of 1: at most ``rate`` requests a second, never two at once.
+
+    A refused request learns when to retry: the ceiling of 1/rate seconds (SPEC §5)."""
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self.retry_after = str(math.ceil(1 / rate)) if rate > 0 else "1"
+        self._tokens = 1.0
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        if self.rate <= 0:
+            return True
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(1.0, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            if self._tokens >= 1.0:
+                self._tokens -= 1.0
+                return True
+            return False
+
+
+class ConcurrencyLimit:
+    """Slots for running executions of one task (0 = unlimited). A slot is taken before the
+    body is read and given back when the process ends, also for async runs."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.running = 0
+        self._lock = threading.Lock()
+
+    def try_acquire(self) -> bool:
+        with self._lock:
+            if self.limit and self.running >= self.limit:
+                return False
+            self.running += 1
+            return True
+
+    def release(self):
+        with self._lock:
+            self.running -= 1
+
+
+# =============================================================================================
+# Execution (process groups, output capture, timeouts)
+# =============================================================================================
+#
+# One reactor thread watches every child: its stdin (the request body, written without
+# blocking), stdout and stderr (read into bounded buffers as they come, so a chatty child never
+# blocks on a full pipe), its exit (a pidfd), and its deadline. Handler threads only spawn and
+# then wait on the run's event. A thread per child would cost more memory and context switches.
+
+
+class Output:
+    """One captured stream: the first ``limit`` bytes are kept, the rest is read and dropped."""
+
+    __slots__ = ("data", "limit", "truncated")
+
+    def __init__(self, limit: int):
+        self.data = bytearray()
+        self.limit = limit
+        self.truncated = False
+
+    def append(self, chunk: bytes):
+        room = self.limit - len(self.data)
+        if len(chunk) > room:
+            self.truncated = True
+            chunk = chunk[:max(room, 0)]
+        self.data += chunk
+
+    def text(self) -> str:
+        return self.data.decode("utf-8", "replace")
+
+
+class Run:
+    """One execution of a task, from spawn to result; shared by the reactor (which writes it)
+    and the handlers that wait for it or read it."""
+
+    def __init__(self, task: TaskSpec, caller: Caller):
+        self.id = base64.b32encode(secrets.token_bytes(10)).decode("ascii").lower()
+        self.task = task
+        self.caller = caller
+        self.started_at = time.time()
+        self.started = time.monotonic()
+        self.finished_at: float | None = None
+        self.duration = 0.0
+        self.status = "running"
+        self.exit_code = -1
+        self.stdout = Output(task.max_output_bytes)
+        self.stderr = Output(task.max_output_bytes)
+        self.done = threading.Event()
+        self.changed = threading.Condition()  # notified on output and on the end
+
+    def add_output(self, stream: Output, chunk: bytes):
+        with self.changed:
+            stream.append(chunk)
+            self.changed.notify_all()
+
+    def finish(self, status: str, exit_code: int):
+        with self.changed:
+            self.duration = time.monotonic() - self.started
+            self.finished_at = self.started_at + self.duration
+            self.status, self.exit_code = status, exit_code
+            self.done.set()
+            self.changed.notify_all()
+
+    def to_json(self) -> dict:
+        with self.changed:
+            result = {"status": self.status, "exit_code": self.exit_code, "task_id": self.id,
+                      "started_at": _rfc3339(self.started_at)}
+            if not self.done.is_set():
+                return result
+            result["finished_at"] = _rfc3339(self.finished_at)
+            result["duration_seconds"] = round(self.duration, 6)
+            for key, out in (("stdout", self.stdout), ("stderr", self.stderr)):
+                if out.data:
+                    result[key] = out.text()
+                if out.truncated:
+                    result[key + "_truncated"] = True
+            return result
+
+
+def _rfc3339(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
+
+
+def build_environment(task: TaskSpec, run: Run, headers: Headers) -> dict[str, str]:
+    """The server's environment, then the task's, then passed headers, then RTASK_* (last, so
+    that nothing a caller sends can change what the command is told about its own run)."""
+    env = dict(os.environ)
+    env.update(task.environment)
+    for header, var in task.env_names.items():
+        env[var] = ",".join(headers.get_all(header.lower()))
+    env["RTASK_TASK_NAME"] = task.name
+    env["RTASK_TASK_ID"] = run.id
+    env["RTASK_CALLER"] = run.caller.name
+    return env
+
+
+class _Child:
+    """The reactor's view of one running process."""
+
+    def __init__(self, run: Run, proc, on_end):
+        self.run, self.proc, self.on_end = run, proc, on_end
+        self.streams: dict[int, Output] = {}  # open output fds
+        self.stdin_fd: int | None = None
+        self.stdin_data = memoryview(b"")
+        self.exited = False
+        self.killed_as: str | None = None  # "timeout" or "cancelled" once we signalled it
+        self.timers: list = []
+
+
+class Executor:
+    """Runs commands in their own process groups and reports each run's end.
+
+    - The command runs directly (no shell) with ``start_new_session``, so the whole group can be
+      signalled and a Ctrl-C on the server's terminal does not reach it.
+    - On timeout the group gets SIGTERM and, 2 s later, SIGKILL, even if the direct child is
+      already gone: a grandchild that ignores SIGTERM must not survive. The run ends as soon as
+      the direct child is gone, even if a grandchild still holds the pipes.
+    - After a normal exit, pipes held open by background processes are waited for at most
+      PIPE_GRACE_SECONDS; such processes are left running (a task may start a daemon).
+    """
+
+    def __init__(self):
+        self._selector = selectors.DefaultSelector()
+        self._timers: list = []  # heap of [when, seq, callback, active]
+        self._seq = itertools.count()
+        self._incoming: collections.deque = collections.deque()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeups)
+        self._children: set[_Child] = set()
+        self.running = 0  # processes started and not yet ended (any thread may read it)
+        self._count_lock = threading.Lock()
+        threading.Thread(target=self._loop, name="rtask-reactor", daemon=True).start()
+
+    # -- called from handler threads ---------------------------------------------------------
+
+    def start(self, run: Run, body: bytes, env: dict[str, str], on_end) -> None:
+        """Spawn the run's command; ``on_end(run)`` is called (on the reactor thread) when the
+        run has its result. A command that cannot start ends the run at once with -2."""
+        import subprocess
+        task = run.task
+        fds = []
+        try:
+            in_r, in_w = os.pipe2(os.O_CLOEXEC)
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            fds = [in_r, in_w, out_r, out_w]
+            err_r = err_w = None
+            if not task.merge_stderr:
+                err_r, err_w = os.pipe2(os.O_CLOEXEC)
+                fds += [err_r, err_w]
+            proc = subprocess.Popen(
+                task.command, stdin=in_r, stdout=out_w,
+                stderr=out_w if task.merge_stderr else err_w,
+                cwd=task.workdir, env=env, start_new_session=True, close_fds=True)
+        except (OSError, ValueError, subprocess.SubprocessError) as e:
+            for fd in fds:
+                os.close(fd)
+            self._end_unstarted(run, e, on_end)
+            return
+        os.close(in_r)
+        os.close(out_w)
+        if err_w is not None:
+            os.close(err_w)
+        child = _Child(run, proc, on_end)
+        child.streams[out_r] = run.stdout
+        if err_r is not None:
+            child.streams[err_r] = run.stderr
+        child.stdin_fd = in_w
+        child.stdin_data = memoryview(body)
+        with self._count_lock:
+            self.running += 1
+        self._incoming.append(child)
+        os.write(self._wake_w, b"x")
+
+    def cancel(self, run: Run) -> bool:
+        """Stop a running run's process group (TERM, then KILL); False if it had ended."""
+        found = []
+
+        def stop():
+            for child in self._children:
+                if child.run is run and child.killed_as is None and not child.exited:
+                    self._signal_group(child, "cancelled")
+                    found.append(child)
+        done = threading.Event()
+        self.call_soon(lambda: (stop(), done.set()))
+        done.wait()
+        return bool(found)
+
+    def call_soon(self, fn):
+        self._incoming.append(fn)
+        os.write(self._wake_w, b"x")
+
+    # -- the reactor thread ------------------------------------------------------------------
+
+    def _loop(self):
+        while True:
+            timeout = None
+            if self._timers:
+                timeout = max(0.0, self._timers[0][0] - time.monotonic())
+            for key, mask in self._selector.select(timeout):
+                key.data(key.fd, mask)
+            now = time.monotonic()
+            while self._timers and self._timers[0][0] <= now:
+                _, _, callback, active = heapq.heappop(self._timers)
+                if active[0]:
+                    callback()
+
+    def _after(self, delay: float, callback) -> list:
+        """Schedule ``callback`` on the reactor; returns a handle: set handle[0] = False to cancel."""
+        active = [True]
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), callback, active))
+        return active
+
+    def _drain_wakeups(self, fd, mask):
+        try:
+            os.read(fd, 4096)
+        except BlockingIOError:
+            pass
+        while self._incoming:
+            item = self._incoming.popleft()
+            if isinstance(item, _Child):
+                self._watch(item)
+            else:
+                item()
+
+    def _watch(self, child: _Child):
+        self._children.add(child)
+        for fd in child.streams:
+            os.set_blocking(fd, False)
+            self._selector.register(fd, selectors.EVENT_READ, self._on_output(child))
+        if child.stdin_data:
+            os.set_blocking(child.stdin_fd, False)
+            self._selector.register(child.stdin_fd, selectors.EVENT_WRITE, self._on_stdin(child))
+        else:
+            os.close(child.stdin_fd)
+            child.stdin_fd = None
+        try:
+            pidfd = os.pidfd_open(child.proc.pid)
+        except (AttributeError, OSError):  # no pidfd (not Linux ≥ 5.3): poll for the exit
+            self._poll_exit(child)
+        else:
+            self._selector.register(pidfd, selectors.EVENT_READ, self._on_exit(child))
+        child.timers.append(self._after(child.run.task.timeout_seconds,
+                                        lambda: self._signal_group(child, "timeout")))
+
+    def _on_output(self, child: _Child):
+        def readable(fd, mask):
+            try:
+                chunk = os.read(fd, READ_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if chunk:
+                child.run.add_output(child.streams[fd], chunk)
+                return
+            self._close_stream(child, fd)
+            if child.exited and not child.streams:
+                self._end(child)
+        return readable
+
+    def _on_stdin(self, child: _Child):
+        def writable(fd, mask):
+            try:
+                written = os.write(fd, child.stdin_data[:READ_CHUNK])
+                child.stdin_data = child.stdin_data[written:]
+            except BlockingIOError:
+                return
+            except OSError:  # EPIPE: the command does not read its input; that is its right
+                child.stdin_data = memoryview(b"")
+            if not child.stdin_data:
+                self._close_stdin(child)
+        return writable
+
+    def _on_exit(self, child: _Child):
+        def exited(fd, mask):
+            self._selector.unregister(fd)
+            os.close(fd)
+            self._reap(child)
+        return exited
+
+    def _poll_exit(self, child: _Child):
+        if child.proc.poll() is None:
+            child.timers.append(self._after(0.02, lambda: self._poll_exit(child)))
+        else:
+            self._reap(child)
+
+    def _reap(self, child: _Child):
+        child.proc.wait()
+        child.exited = True
+        if child.killed_as or not child.streams:
+            self._end(child)  # a killed run answers now, whoever still holds its pipes
+        else:
+            child.timers.append(self._after(PIPE_GRACE_SECONDS, lambda: self._end(child)))
+
+    def _signal_group(self, child: _Child, why: str):
+        """SIGTERM the run's process group now and SIGKILL it after KILL_GRACE_SECONDS."""
+        if child.exited:
+            if why == "timeout":  # ended already; only pipe holders remain, which we ignore
+                self._end(child)
+            return
+        child.killed_as = why
+        pgid = child.proc.pid  # start_new_session: the child leads its own group
+        _killpg(pgid, signal.SIGTERM)
+        # Not in child.timers: the KILL must still come after the run has ended, for the
+        # grandchildren that ignored the TERM.
+        self._after(KILL_GRACE_SECONDS, lambda: _killpg(pgid, signal.SIGKILL))
+
+    def _close_stream(self, child: _Child, fd: int):
+        self._selector.unregister(fd)
+        os.close(fd)
+        del child.streams[fd]
+
+    def _close_stdin(self, child: _Child):
+        if child.stdin_fd is not None:
+            self._selector.unregister(child.stdin_fd)
+            os.close(child.stdin_fd)
+            child.stdin_fd = None
+
+    def _end(self, child: _Child):
+        if child not in self._children:
+            return
+        self._children.discard(child)
+        for handle in child.timers:
+            handle[0] = False
+        for fd in list(child.streams):
+            self._close_stream(child, fd)
+        self._close_stdin(child)
+        code = child.proc.returncode
+        if child.killed_as:
+            status, exit_code = child.killed_as, -1
+        elif code < 0:  # killed by a signal we did not send
+            status, exit_code = "failure", -1
+        else:
+            status, exit_code = ("success" if code == 0 else "failure"), code
+        child.run.finish(status, exit_code)
+        with self._count_lock:
+            self.running -= 1
+        child.on_end(child.run)
+
+    def _end_unstarted(self, run: Run, error: Exception, on_end):
+        reason = getattr(error, "strerror", None) or str(error)
+        target = getattr(error, "filename", None)
+        message = f"cannot start {run.task.command[0]}: {reason}"
+        if target and target != run.task.command[0]:
+            message += f" ({target})"
+        run.add_output(run.stderr, message.encode())
+        run.finish("failure", -2)
+        on_end(run)
+
+
+def _killpg(pgid: int, sig):
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# =============================================================================================
+# Results (kept runs, retention)
+# =============================================================================================
+
+
+class RunStore:
+    """The runs of one task: running ones, and finished ones for their retention time.
+
+    Finished runs expire in the order they finished (the retention is per task), so a deque of
+    expiry times makes purging O(1) per run. At most MAX_RESULTS_KEPT finished runs are kept."""
+
+    def __init__(self, retention: float):
+        self.retention = retention
+        self._runs: dict[str, Run] = {}
+        self._expiry: collections.deque = collections.deque()  # (monotonic expiry, run id)
+        self._lock = threading.Lock()
+
+    def add(self, run: Run):
+        with self._lock:
+            self._runs[run.id] = run
+
+    def finished(self, run: Run):
+        with self._lock:
+            self._expiry.append((time.monotonic() + self.retention, run.id))
+            self._purge()
+
+    def get(self, run_id: str) -> Run | None:
+        with self._lock:
+            self._purge()
+            return self._runs.get(run_id)
+
+    def _purge(self):
+        now = time.monotonic()
+        while self._expiry and (self._expiry[0][0] <= now or len(self._expiry) > MAX_RESULTS_KEPT):
+            _, run_id = self._expiry.popleft()
+            self._runs.pop(run_id, None)
+
+    def counts(self) -> tuple[int, int]:
+        """(running, finished results kept)."""
+        with self._lock:
+            self._purge()
+            return len(self._runs) - len(self._expiry), len(self._expiry)
+
+
+# =============================================================================================
+# HTTP (routing, handler, responses)
+# =============================================================================================
+
+
+class Headers:
+    """Request headers: lower-cased name → values in arrival order (repeats are kept)."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self):
+        self._values: dict[str, list[str]] = {}
+
+    def add(self, name: str, value: str):
+        self._values.setdefault(name.lower(), []).append(value)
+
+    def get(self, name: str, default=None):
+        values = self._values.get(name)
+        return values[0] if values else default
+
+    def get_all(self, name: str) -> list[str]:
+        return self._values.get(name, [])
+
+
+class TaskState:
+    """The live state of a configured task: its limits and its kept runs."""
+
+    def __init__(self, task: TaskSpec):
+        self.task = task
+        self.rate = RateLimiter(task.rate_limit)
+        self.slots = ConcurrencyLimit(task.max_concurrent)
+        self.runs = RunStore(task.retention_seconds)
+
+
+class App:
+    """Everything a request handler needs: config, keys, task states, executor, metrics."""
+
+    def __init__(self, config: Config, keyring: KeyRing, metrics: Metrics):
+        self.config = config
+        self.keyring = keyring
+        self.metrics = metrics
+        self.tasks = {name: TaskState(task) for name, task in config.tasks.items()}
+        self.webhooks = config.webhook_index()
+        self.executor = Executor()
+        self.started = time.monotonic()
+        self.draining = False
+        self.inflight = 0  # requests being answered
+        self._inflight_lock = threading.Lock()
+
+    def request_started(self):
+        with self._inflight_lock:
+            self.inflight += 1
+
+    def request_ended(self):
+        with self._inflight_lock:
+            self.inflight -= 1
+
+    def start_run(self, state: TaskState, caller: Caller, body: bytes, headers: Headers) -> Run:
+        """Spawn a run of the task; its concurrency slot (already held) is given back, its
+        metric observed and its log line written when it ends."""
+        run = Run(state.task, caller)
+        state.runs.add(run)
+        env = build_environment(state.task, run, headers)
+        self.executor.start(run, body, env, lambda r: self._run_ended(state, r))
+        return run
+
+    def _run_ended(self, state: TaskState, run: Run):
+        state.slots.release()
+        state.runs.finished(run)
+        self.metrics.observe_run(run)
+        log.info("task finished", extra={"fields": {
+            "task": run.task.name, "task_id": run.id, "caller": run.caller.name,
+            "status": run.status, "exit_code": run.exit_code,
+            "duration": round(run.duration, 3)}})
+        if run.stdout.data or run.stderr.data:
+            log.debug("task output", extra={"fields": {
+                "task_id": run.id, "stdout": run.stdout.text(), "stderr": run.stderr.text()}})
+
+
+class BodyError(Exception):
+    """The request body could not be read as framed (bad chunking, short body)."""
+
+
+class RequestHandler(BaseHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive. Request parsing is done here rather than by http.server so
+    that every limit is ours (line and header sizes, read deadlines) and every answer,
+    protocol errors included, is JSON written in one send."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "rtask/" + __version__
+    app: App  # set on the subclass made by make_server
+
+    # -- connection ---------------------------------------------------------------------------
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.connection.settimeout(SOCKET_WRITE_TIMEOUT)
+
+    def handle_one_request(self):
+        """Read one request and answer it; sets close_connection when the connection ends."""
+        self.close_connection = True
+        self.body_pending = False
+        watchdog = self.server.watchdog
+        watchdog.arm(self.connection, KEEPALIVE_IDLE_TIMEOUT)
+        try:
+            line = self.rfile.readline(MAX_REQUEST_LINE + 1)
+        except OSError:
+            return
+        finally:
+            watchdog.disarm(self.connection)
+        if not line:
+            return
+        watchdog.arm(self.connection, REQUEST_READ_TIMEOUT)
+        self.app.request_started()
+        try:
+            self._answer(line)
+        except OSError:
+            self.close_connection = True  # the client went away; nothing more to do
+        finally:
+            watchdog.disarm(self.connection)
+            self.app.request_ended()
+
+    def _answer(self, line: bytes):
+        self.command, self.path = "", ""
+        try:
+            self._parse_head(line)
+        except Reject as r:
+            self.send_json(r.status, {"error": r.code, "message": r.message}, close=True)
+            return
+        if not self.body_pending:
+            self.server.watchdog.disarm(self.connection)
+        try:
+            route(self)
+        except Exception:
+            log.exception("internal error", extra={"fields": {"method": self.command}})
+            self.send_json(500, {"error": "internal", "message": "Internal server error."}, close=True)
+
+    def _wants_body(self) -> bool:
+        return self.headers.get("content-length") not in (None, "0") or \
+            self.headers.get("transfer-encoding") is not None
+
+    def _parse_head(self, line: bytes):
+        if len(line) > MAX_REQUEST_LINE:
+            raise Reject(414, "bad_request", "The request line is too long.")
+        parts = line.decode("latin-1").rstrip("\r\n").split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            raise Reject(400, "bad_request", "The request line is malformed.")
+        self.command, target, self.request_version = parts
+        self.raw_requestline = line
+        self.headers = Headers()
+        for _ in range(MAX_HEADERS + 1):
+            raw = self.rfile.readline(MAX_HEADER_LINE + 1)
+            if len(raw) > MAX_HEADER_LINE:
+                raise Reject(431, "bad_request", "A request header is too long.")
+            if raw in (b"\r\n", b"\n"):
+                break
+            if not raw:
+                raise Reject(400, "bad_request", "The request headers are incomplete.")
+            name, sep, value = raw.decode("latin-1").partition(":")
+            if not sep or not name or name != name.strip():
+                raise Reject(400, "bad_request", "A request header is malformed.")
+            self.headers.add(name, value.strip())
+        else:
+            raise Reject(431, "bad_request", "Too many request headers.")
+        connection = (self.headers.get("connection") or "").lower()
+        self.close_connection = connection == "close" or (
+            self.request_version == "HTTP/1.0" and connection != "keep-alive")
+        if "://" in target:  # absolute form: http://host/path
+            target = "/" + target.split("://", 1)[1].partition("/")[2]
+        path, _, query = target.partition("?")
+        self.path = unquote(path, errors="strict") if "%" in path else path
+        self.query = parse_qs(query) if query else {}
+        self.body_pending = self._wants_body()
+
+    # -- body ---------------------------------------------------------------------------------
+
+    def read_body(self, limit: int) -> bytes:
+        """The request body, at most ``limit`` bytes: Reject 413 when larger, 400 when not
+        readable as framed. Honours ``Expect: 100-continue`` once the checks have passed."""
+        length = self.headers.get("content-length")
+        chunked = (self.headers.get("transfer-encoding") or "").lower()
+        if chunked and chunked != "chunked":
+            raise Reject(400, "bad_request", "Only chunked transfer encoding is supported.", "invalid_content")
+        if length is not None and not chunked:
+            if not length.isdigit():
+                raise Reject(400, "bad_request", "Content-Length is not a number.", "invalid_content")
+            if int(length) > limit:
+                raise Reject(413, "payload_too_large", f"The body is larger than {limit} bytes.", "input_too_large")
+        if (self.headers.get("expect") or "").lower() == "100-continue":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        try:
+            body = self._read_chunked(limit) if chunked else self._read_exact(int(length or 0))
+        finally:
+            self.server.watchdog.disarm(self.connection)
+        self.body_pending = False
+        return body
+
+    def _read_exact(self, n: int) -> bytes:
+        data = self.rfile.read(n) if n else b""
+        if len(data) != n:
+            self.close_connection = True
+            raise Reject(400, "bad_request", "The body is shorter than its Content-Length.", "invalid_content")
+        return data
+
+    def _read_chunked(self, limit: int) -> bytes:
+        body = bytearray()
+        try:
+            while True:
+                size_line = self.rfile.readline(1024)
+                size = int(size_line.split(b";", 1)[0].strip(), 16)
+                if size < 0:
+                    raise ValueError
+                if size == 0:
+                    break
+                if len(body) + size > limit:
+                    self.close_connection = True
+                    raise Reject(413, "payload_too_large", f"The body is larger than {limit} bytes.", "input_too_large")
+                body += self._read_exact(size)
+                if self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                    raise ValueError
+            for _ in range(MAX_HEADERS):  # trailers, ignored
+                if self.rfile.readline(MAX_HEADER_LINE) in (b"\r\n", b"\n", b""):
+                    return bytes(body)
+        except ValueError:
+            pass
+        self.close_connection = True
+        raise Reject(400, "bad_request", "The chunked body is malformed.", "invalid_content")
+
+    def discard_body(self):
+        """Before answering a request whose body was never read: drain a small body so the
+        connection stays usable, or close the connection for a large one."""
+        if not self.body_pending:
+            return
+        self.body_pending = False
+        length = self.headers.get("content-length") or ""
+        expect = (self.headers.get("expect") or "").lower() == "100-continue"
+        if length.isdigit() and int(length) <= DISCARD_BODY_LIMIT and not expect \
+                and not self.headers.get("transfer-encoding"):
+            try:
+                self._read_exact(int(length))
+                return
+            except Reject:
+                pass
+        self.close_connection = True
+
+    # -- responses ----------------------------------------------------------------------------
+
+    def send_json(self, status: int, payload: dict, headers=(), close=False):
+        if close or self.app.draining:
+            self.close_connection = True
+        if not close:
+            self.discard_body()
+        body = json.dumps(payload).encode()
+        head = [f"HTTP/1.1 {status} {_reason_phrase(status)}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                f"Date: {_http_date()}\r\nServer: {self.server_version}\r\n"]
+        head += [f"{name}: {value}\r\n" for name, value in headers]
+        if self.close_connection:
+            head.append("Connection: close\r\n")
+        head.append("\r\n")
+        self.wfile.write("".join(head).encode("latin-1") + body)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (e.g. a header read failure) as JSON too."""
+        self.close_connection = True
+        self.send_json(code, {"error": "bad_request" if code < 500 else "internal",
+                              "message": message or _reason_phrase(code)}, close=True)
+
+    def log_message(self, format, *args):
+        log.debug(format % args)
+
+
+def _reason_phrase(status: int) -> str:
+    return BaseHTTPRequestHandler.responses.get(status, ("",))[0]
+
+
+_date_cache = [0, ""]
+
+
+def _http_date() -> str:
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[:] = [now, time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))]
+    return _date_cache[1]
+
+
+# -- routing ----------------------------------------------------------------------------------
+
+
+def route(h: RequestHandler):
+    """Dispatch by path, then method; a known path with a wrong method is 405 with Allow."""
+    parts = h.path.split("/")[1:]
+    if parts[:1] == ["tasks"] and len(parts) == 2:
+        allowed = {"POST": post_task}
+    elif parts[:1] == ["tasks"] and len(parts) == 3:
+        allowed = {"GET": get_result}
+    elif parts[:1] == ["wh"] and len(parts) == 2:
+        if h.command != "POST":  # any other method: 404, so that no answer confirms a secret
+            raise_not_found(h)
+            return
+        allowed = {"POST": post_webhook}
+    elif h.path == "/health":
+        allowed = {"GET": get_health}
+    elif h.path in ("/health/live", "/health/ready"):
+        allowed = {"GET": get_health_probe}
+    elif h.path == "/health/detailed":
+        allowed = {"GET": get_health_detailed}
+    else:
+        raise_not_found(h)
+        return
+    handler = allowed.get(h.command)
+    if handler is None:
+        allow = ", ".join(allowed)
+        h.send_json(405, {"error": "method_not_allowed", "message": f"Use {allow} on this path."},
+                    headers=[("Allow", allow)])
+        return
+    try:
+        handler(h, *parts[1:])
+    except Reject as r:
+        answer_reject(h, r, parts[1] if parts[0] == "tasks" else None)
+
+
+def raise_not_found(h: RequestHandler):
+    h.send_json(404, {"error": "not_found", "message": "There is nothing at this path."})
+
+
+def answer_reject(h: RequestHandler, r: Reject, task_name: str | None):
+    if r.reason and task_name in h.app.tasks:
+        h.app.metrics.count_rejection(task_name, r.reason)
+        log.info("request rejected", extra={"fields": {
+            "task": task_name, "reason": r.reason, "status": r.status, "client": h.client_address[0]}})
+    h.send_json(r.status, {"error": r.code, "message": r.message}, headers=r.headers)
+
+
+def task_with_route(h: RequestHandler, name: str) -> TaskState:
+    """The task called by /tasks/<name>; a task without apiKeyNames has no such route."""
+    state = h.app.tasks.get(name)
+    if state is None or not state.task.api_key_names:
+        raise Reject(404, "not_found", f"There is no task named {name!r}.")
+    return state
+
+
+def authenticate_key(h: RequestHandler, state: TaskState, action: str) -> Caller:
+    key_name = h.app.keyring.verify(bearer_token(h.headers))
+    authorize_task_key(key_name, state.task, action)
+    return Caller(key_name, "api_key")
+
+
+def post_task(h: RequestHandler, name: str):
+    """POST /tasks/<name>: credentials → rate → concurrency → body size → run."""
+    state = task_with_route(h, name)
+    caller = authenticate_key(h, state, "run")
+    execute(h, state, caller)
+
+
+def post_webhook(h: RequestHandler, secret: str):
+    """POST /wh/<secret>: the secret is the credential; logged and counted by its name."""
+    found = h.app.webhooks.get(_digest(secret))
+    if found is None:
+        raise_not_found(h)
+        return
+    task, webhook_name = found
+    execute(h, h.app.tasks[task.name], Caller(webhook_name, "webhook"))
+
+
+def execute(h: RequestHandler, state: TaskState, caller: Caller):
+    """The checks after authentication, in order, then the run. A request refused here
+    never starts a process; one refused by concurrency has spent its rate token (as in Go)."""
+    task = state.task
+    if not state.rate.allow():
+        raise Reject(429, "rate_limited", f"Task {task.name!r} allows {task.rate_limit:g} requests per second.",
+                     "limit_exceeded", [("Retry-After", state.rate.retry_after)])
+    if h.app.executor.running >= MAX_RUNS_IN_FLIGHT or not state.slots.try_acquire():
+        raise Reject(429, "too_many_running", f"Task {task.name!r} is already running as often as it may.",
+                     "max_concurrent", [("Retry-After", "1")])
+    try:
+        body = h.read_body(task.max_input_bytes)
+    except BaseException:
+        state.slots.release()
+        raise
+    run = h.app.start_run(state, caller, body, h.headers)
+    if task.is_async:
+        h.send_json(200, {"task_id": run.id})
+        return
+    run.done.wait()
+    h.send_json(200, run.to_json())
+
+
+def get_result(h: RequestHandler, name: str, run_id: str):
+    """GET /tasks/<name>/<id>: needs a key allowed for the task, like the POST."""
+    state = task_with_route(h, name)
+    authenticate_key(h, state, "read")
+    run = state.runs.get(run_id) if TASK_ID_RE.fullmatch(run_id) else None
+    if run is None:
+        raise Reject(404, "not_found", "No such run (unknown, or its result has expired).")
+    h.send_json(200, run.to_json())
+
+
+def get_health(h: RequestHandler):
+    h.send_json(200, {"status": "healthy"})
+
+
+def get_health_probe(h: RequestHandler):
+    if h.path.endswith("/ready") and h.app.draining:
+        h.send_json(503, {"status": "draining"})
+    else:
+        h.send_json(200, {"status": "ok"})
+
+
+def get_health_detailed(h: RequestHandler):
+    tasks = {}
+    for name, state in h.app.tasks.items():
+        running, kept = state.runs.counts()
+        tasks[name] = {"running": running, "queued": 0, "results_kept": kept}
+    h.send_json(200, {"status": "draining" if h.app.draining else "healthy", "version": __version__,
+                      "uptime_seconds": round(time.monotonic() - h.app.started, 3), "tasks": tasks})
+
+
+# -- server -----------------------------------------------------------------------------------
+
+
+class ReadWatchdog:
+    """Closes connections whose client is too slow: idle keep-alive past its timeout, or a
+    request (line, headers, body) not fully sent in REQUEST_READ_TIMEOUT. One thread checks all
+    deadlines; a per-recv socket timeout alone would let a client send a byte every few seconds
+    forever (slowloris)."""
+
+    def __init__(self):
+        self._deadlines: dict[socket.socket, float] = {}
+        self._lock = threading.Lock()
+        threading.Thread(target=self._loop, name="rtask-watchdog", daemon=True).start()
+
+    def arm(self, sock, seconds: float):
+        with self._lock:
+            self._deadlines[sock] = time.monotonic() + seconds
+
+    def disarm(self, sock):
+        with self._lock:
+            self._deadlines.pop(sock, None)
+
+    def _loop(self):
+        while True:
+            time.sleep(0.25)
+            now = time.monotonic()
+            with self._lock:
+                late = [s for s, t in self._deadlines.items() if t <= now]
+                for s in late:
+                    del self._deadlines[s]
+            for s in late:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+class Server(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a bound on open connections (one thread each)."""
+
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 128
+
+    def __init__(self, address, handler, app: App):
+        self.app = app
+        self.watchdog = ReadWatchdog()
+        self.connections = 0
+        self._conn_lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        with self._conn_lock:
+            full = self.connections >= MAX_CONNECTIONS
+            if not full:
+                self.connections += 1
+        if full:
+            _refuse_connection(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._conn_lock:
+                self.connections -= 1
+
+    def handle_error(self, request, client_address):
+        log.exception("connection error", extra={"fields": {"client": client_address[0]}})
+
+
+def _refuse_connection(sock):
+    body = b'{"error": "unavailable", "message": "Too many connections; retry shortly."}'
+    try:
+        sock.settimeout(1.0)
+        sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                     b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def make_server(address: tuple[str, int], app: App) -> Server:
+    handler = type("BoundRequestHandler", (RequestHandler,), {"app": app})
+    return Server(address, handler, app)
+
+
+# =============================================================================================
+# Metrics (separate listener)
+# =============================================================================================
+
+
+class Metrics:
+    """task_duration_seconds (per-task buckets) and task_rejection_total.
+
+    prometheus_client gives one bucket set per metric, but each task may configure its own
+    (durationHistogramBuckets), so the histogram is kept here and exposed by a collector."""
+
+    DEFAULT_BUCKETS = (.005, .01, .025, .05, .075, .1, .25, .5, .75, 1.0, 2.5, 5.0, 7.5, 10.0)
+
+    def __init__(self, config: Config):
+        from prometheus_client import Counter
+        self._buckets = {name: t.histogram_buckets or self.DEFAULT_BUCKETS for name, t in config.tasks.items()}
+        self._series: dict[tuple[str, str, str], list] = {}  # labels → [bucket counts, sum, count]
+        self._lock = threading.Lock()
+        self.rejections = Counter("task_rejection_total", "Requests refused before running, by reason.",
+                                  ["handler", "reason"])
+
+    def observe_run(self, run: Run):
+        buckets = self._buckets.get(run.task.name, self.DEFAULT_BUCKETS)
+        key = (run.task.name, run.caller.name, run.status if run.status in ("success", "timeout") else "failure")
+        with self._lock:
+            series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = [[0] * len(buckets), 0.0, 0]
+            for i, bound in enumerate(buckets):
+                if run.duration <= bound:
+                    series[0][i] += 1
+            series[1] += run.duration
+            series[2] += 1
+
+    def count_rejection(self, task: str, reason: str):
+        self.rejections.labels(task, reason).inc()
+
+    def collect(self):
+        from prometheus_client.core import HistogramMetricFamily
+        family = HistogramMetricFamily("task_duration_seconds", "Duration of task executions.",
+                                       labels=["handler", "api_key_used", "status"])
+        with self._lock:
+            snapshot = [(k, list(v[0]), v[1], v[2]) for k, v in self._series.items()]
+        for labels, counts, total, count in snapshot:
+            bounds = self._buckets.get(labels[0], self.DEFAULT_BUCKETS)
+            buckets = [(_le(b), c) for b, c in zip(bounds, counts)] + [("+Inf", count)]
+            family.add_metric(list(labels), buckets, total)
+        yield family
+
+    def describe(self):
+        return []
+
+
+def _le(bound: float) -> str:
+    return str(int(bound)) + ".0" if bound == int(bound) else repr(bound)
+
+
+def start_metrics_server(host: str, port: int, metrics: Metrics) -> int:
+    """Serve /metrics with the client library's own server; returns the bound port."""
+    from prometheus_client import REGISTRY, start_http_server
+    REGISTRY.register(metrics)
+    httpd, _ = start_http_server(port, addr=host)
+    return httpd.server_address[1]
+
+
+# =============================================================================================
+# Logging (one line per event, text or JSON, never a secret)
+# =============================================================================================
+
+log = logging.getLogger("rtask")
+
+
+class TextFormatter(logging.Formatter):
+    """``time level message key=value ...``: one line, values quoted when they need it."""
+
+    def format(self, record):
+        fields = getattr(record, "fields", {})
+        parts = [_utc_stamp(record.created), record.levelname.lower(), _quote(record.getMessage())]
+        parts += [f"{k}={_quote(str(v))}" for k, v in fields.items()]
+        if record.exc_info:
+            parts.append("error=" + _quote(self.formatException(record.exc_info)))
+        return " ".join(parts)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record):
+        entry = {"time": _utc_stamp(record.created), "level": record.levelname.lower(),
+                 "msg": record.getMessage(), **getattr(record, "fields", {})}
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def _utc_stamp(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
+def _quote(text: str) -> str:
+    return text if re.fullmatch(r"[^\s\"=]+", text) else json.dumps(text)
+
+
+def setup_logging(log_format: str):
+    level_name = (os.environ.get("RTASK_LOG") or os.environ.get("GO_LOG") or "info").lower()
+    levels = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+              "warn": logging.WARNING, "error": logging.ERROR}
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(levels.get(level_name, logging.INFO))
+    if level_name not in levels:
+        log.warning(f"unknown log level {level_name!r} in RTASK_LOG; using info")
+
+
+# =============================================================================================
+# CLI
+# =============================================================================================
+
+
+def parse_address(text: str, option: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{option} {text!r} must be HOST:PORT, like localhost:8800")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def load_everything(args) -> tuple[Config, dict[str, StoredKey], Problems]:
+    """Config and keys exactly as ``run`` uses them, with every problem collected."""
+    problems = Problems()
+    config = load_config(args.config, problems)
+    try:
+        keys = parse_key_file(args.api_keys_file)
+    except ConfigError as e:
+        problems.errors.append(str(e))
+        keys = {}
+    warn_about_unknown_key_names(config, set(keys), args.api_keys_file, problems)
+    return config, keys, problems
+
+
+def cmd_run(args) -> int:
+    config, keys, problems = load_everything(args)
+    for warning in problems.warnings:
+        log.warning(warning)
+    problems.raise_if_errors()
+    api = parse_address(args.api_address, "--api-address")
+    metrics_address = parse_address(args.metrics_address, "--metrics-address")
+    metrics = Metrics(config)
+    app = App(config, KeyRing(args.api_keys_file, keys), metrics)
+    try:
+        server = make_server(api, app)
+        metrics_port = start_metrics_server(*metrics_address, metrics)
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {e.filename or args.api_address}: {e.strerror}") from None
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    threading.Thread(target=server.serve_forever, name="rtask-accept", daemon=True).start()
+    log.info("rtask listening", extra={"fields": {
+        "api": f"{api[0]}:{server.server_address[1]}", "metrics": f"{metrics_address[0]}:{metrics_port}",
+        "tasks": len(config.tasks), "keys": len(keys)}})
+    stop.wait()
+    drain(server, app)
+    return 0
+
+
+def drain(server: Server, app: App):
+    """Stop accepting, let running executions finish (each within its timeout), answer them."""
+    log.info("shutting down: finishing running tasks")
+    app.draining = True
+    server.shutdown()
+    server.server_close()
+    longest = max((t.timeout_seconds for t in app.config.tasks.values()), default=0)
+    deadline = time.monotonic() + longest + KILL_GRACE_SECONDS + 5
+    while (app.executor.running or app.inflight) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log.info("stopped")
+
+
+def cmd_add_key(args) -> int:
+    token = add_key(args.api_keys_file, args.name)
+    print(f"API-KEY: {token}")
+    return 0
+
+
+def cmd_list_keys(args) -> int:
+    keys = parse_key_file(args.api_keys_file)
+    if not keys:
+        print(f"no keys in {args.api_keys_file} (create one with: rtask add-key NAME)", file=sys.stderr)
+    for key in sorted(keys.values(), key=lambda k: k.id):
+        print(f"{key.id:>3}  {key.name}")
+    return 0
+
+
+def cmd_remove_key(args) -> int:
+    remove_key(args.api_keys_file, args.name)
+    print(f"removed key {args.name!r}", file=sys.stderr)
+    return 0
+
+
+def cmd_check_config(args) -> int:
+    config, keys, problems = load_everything(args)
+    for warning in problems.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for error in problems.errors:
+        print(f"error: {error}", file=sys.stderr)
+    if problems.errors:
+        return 1
+    print(f"{args.config}: OK, {len(config.tasks)} task(s), {len(keys)} key(s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    def add_globals(p, default):
+        p.add_argument("--config", default=default(DEFAULT_CONFIG_PATH), help="config file (default ./config.toml)")
+        p.add_argument("--api-keys-file", default=default(DEFAULT_KEYS_PATH), help="key store (default ./keys.toml)")
+        p.add_argument("--log-format", choices=["text", "json"],
+                       default=default(os.environ.get("LOG_FORMAT", "text")), help="log format (env LOG_FORMAT)")
+
+    parser = argparse.ArgumentParser(prog="rtask", description="Run configured commands as authenticated HTTP endpoints.")
+    add_globals(parser, lambda d: d)
+    parser.add_argument("--version", action="version", version=f"rtask {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, func, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_globals(p, lambda d: argparse.SUPPRESS)  # also accepted after the subcommand
+        p.set_defaults(func=func)
+        return p
+
+    run = command("run", cmd_run, "serve the configured tasks")
+    run.add_argument("--api-address", default=DEFAULT_API_ADDRESS, help="HOST:PORT (default localhost:8800)")
+    run.add_argument("--metrics-address", default=DEFAULT_METRICS_ADDRESS, help="HOST:PORT (default localhost:9090)")
+    command("add-key", cmd_add_key, "create a key and print it once").add_argument("name")
+    command("list-keys", cmd_list_keys, "list key names and ids (never secrets)")
+    command("remove-key", cmd_remove_key, "revoke a key").add_argument("name")
+    command("check-config", cmd_check_config, "validate config and keys as run would; exit 0/1")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_format)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"rtask: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
