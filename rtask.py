@@ -22,6 +22,7 @@ import argparse
 import base64
 import collections
 import dataclasses
+import codecs
 import difflib
 import errno
 import fcntl
@@ -61,6 +62,26 @@ TASK_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 KEY_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 TASK_ID_RE = re.compile(r"[a-z2-7]{16}")
 
+# Permissions (SPEC §9): a task-scoped permission is "tasks:<action>" or "tasks:<action>:<task>".
+TASK_ACTIONS = ("run", "read", "list", "cancel")
+SYSTEM_PERMISSIONS = ("system:config_read",)
+WILDCARDS = ("*", "tasks:*", "system:*")
+
+
+def is_known_permission(permission: str) -> bool:
+    parts = permission.split(":")
+    if permission in WILDCARDS or permission in SYSTEM_PERMISSIONS:
+        return True
+    return (parts[0] == "tasks" and len(parts) in (2, 3) and parts[1] in TASK_ACTIONS
+            and (len(parts) == 2 or bool(TASK_NAME_RE.fullmatch(parts[2]))))
+
+
+def holds_permission(grants: frozenset[str], needed: str) -> bool:
+    """Does a set of grants include ``needed`` ("tasks:run:deploy"), directly or by wildcard?"""
+    resource, action = needed.split(":")[:2]
+    return any(p in grants for p in (needed, f"{resource}:{action}", f"{resource}:*", "*"))
+
+
 # Key format of the Go RTask (SPEC §4): these values are written into every new key entry.
 KEY_BYTES = 40
 SALT_BYTES = 16
@@ -69,6 +90,11 @@ ARGON2_MEMORY_MIB = 64
 ARGON2_THREADS = 4
 MAX_KEY_ID = 999
 MAX_TOKEN_CHARS = 4096  # a real key is 62 characters; anything far longer is not a key
+
+# JWKS: a flood of tokens with random kids must not become a flood of fetches.
+JWKS_COOLDOWN_SECONDS = 10.0
+JWKS_FETCH_TIMEOUT_SECONDS = 10.0
+JWKS_MAX_BYTES = 1 << 20
 
 # Argon2 costs ~65 ms and 64 MiB per verification, so concurrent verifications are bounded;
 # a request that cannot get a slot within the wait gets 503 instead of piling up memory.
@@ -96,6 +122,8 @@ PIPE_GRACE_SECONDS = 0.5  # after a normal exit, how long to wait for pipes held
 KILL_GRACE_SECONDS = 2.0  # SIGTERM → SIGKILL: time for a task to clean up before it is killed
 MAX_RUNS_IN_FLIGHT = 512  # server-wide bound on running processes, whatever the task limits
 MAX_RESULTS_KEPT = 1000  # per task: finished results kept for polling (oldest dropped first)
+MAX_LONG_POLL_SECONDS = 60.0  # GET ...?wait=S waits at most this long
+SSE_HEARTBEAT_SECONDS = 15.0  # a comment line on a quiet event stream finds closed readers
 
 
 # =============================================================================================
@@ -126,6 +154,8 @@ class TaskSpec:
     max_output_bytes: int = 16384  # stdout and stderr are each cut to this many bytes
     timeout_seconds: float = 30.0  # then the process group gets SIGTERM, SIGKILL 2 s later
     merge_stderr: bool = False  # stderr goes into stdout
+    queue_size: int = 0  # requests that may wait for a maxConcurrentTasks slot; 0 = none
+    queue_timeout_seconds: float = 30.0  # how long a queued sync request waits, then 429
     histogram_buckets: tuple[float, ...] | None = None  # None: Prometheus default buckets
 
     @property
@@ -136,9 +166,53 @@ class TaskSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class JwtSpec:
+    """``[auth.jwt]``: how bearer JWTs are verified."""
+
+    verification_method: str = "public_key"  # "public_key" or "jwks"
+    public_key: str | None = None  # PEM text (publicKey, publicKeyPath, or the env overrides)
+    issuer: str = "rtask"  # required value of "iss"
+    audience: str = "rtask-api"  # required value of "aud"
+    permissions_claim: str = "permissions"  # list of strings, or one space-separated string
+    leeway_seconds: float = 60.0  # clock skew allowed on exp / nbf
+    allowed_algorithms: tuple[str, ...] = ("RS256",)  # asymmetric only: never none, never HMAC
+    jwks_url: str | None = None
+    jwks_refresh_interval_seconds: float = 3600.0  # refresh a key set older than this
+    jwks_max_stale_seconds: float = 300.0  # keep using old keys this long when refresh fails
+    jwks_allow_http: bool = False  # plain http only for a local identity provider or tests
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthSpec:
+    """``[auth]``: credentials beyond the task's apiKeyNames. Auth itself is always on."""
+
+    api_key_header: str = "X-API-Key"  # second way to send an rtask key
+    strict_validation: bool = True  # a JWT with an unknown permission string is rejected
+    log_unknown_permissions: bool = True
+    config_endpoint_enabled: bool = False  # GET /config
+    key_permissions: tuple[tuple[str, tuple[str, ...]], ...] = ()  # key name → extra grants
+    jwt: JwtSpec | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     path: str
     tasks: dict[str, TaskSpec]
+    auth: AuthSpec = AuthSpec()
+
+    @property
+    def open_task_routes(self) -> bool:
+        """A task without apiKeyNames has no /tasks route, unless keys or tokens may be
+        granted permissions on it ([auth.keyPermissions] or [auth.jwt])."""
+        return bool(self.auth.key_permissions or self.auth.jwt)
+
+    def key_grants(self, key_name: str) -> frozenset[str]:
+        """The permissions an rtask key holds: run/read/list/cancel on every task that names
+        it in apiKeyNames, plus what [auth.keyPermissions] adds."""
+        grants = {f"tasks:{action}:{task.name}" for task in self.tasks.values()
+                  if key_name in task.api_key_names for action in TASK_ACTIONS}
+        grants.update(dict(self.auth.key_permissions).get(key_name, ()))
+        return frozenset(grants)
 
     def webhook_index(self) -> dict[bytes, tuple[TaskSpec, str]]:
         """sha256(secret) → (task, webhook name). Looking a secret up by its digest keeps the
@@ -251,6 +325,8 @@ _TASK_OPTIONS = {
     "maxOutputBytes": ("max_output_bytes", lambda v: _integer(v, positive=True)),
     "executionTimeoutSeconds": ("timeout_seconds", lambda v: _number(v, positive=True)),
     "mergeStderr": ("merge_stderr", _bool),
+    "queueSize": ("queue_size", _integer),
+    "queueTimeoutSeconds": ("queue_timeout_seconds", lambda v: _number(v, positive=True)),
     "durationHistogramBuckets": ("histogram_buckets", _buckets),
 }
 # Spellings of the older RTask README: old key → (new key, how the value translates).
@@ -289,8 +365,8 @@ def load_config(path: str, problems: Problems) -> Config:
 
     base_dir = os.path.dirname(os.path.abspath(path))
     for key in raw:
-        if key != "tasks":
-            problems.errors.append(f"{path}: unknown top-level key {key!r}{_suggest(key, ['tasks'])}")
+        if key not in ("tasks", "auth"):
+            problems.errors.append(f"{path}: unknown top-level key {key!r}{_suggest(key, ['tasks', 'auth'])}")
     tables = raw.get("tasks", {})
     if not isinstance(tables, dict):
         problems.errors.append(f"{path}: 'tasks' must be a table of [tasks.<name>] tables")
@@ -304,7 +380,11 @@ def load_config(path: str, problems: Problems) -> Config:
         if task is not None:
             tasks[name] = task
     _check_unique_webhook_secrets(path, tasks, problems)
-    return Config(path=path, tasks=tasks)
+    config = Config(path=path, tasks=tasks, auth=_parse_auth(path, base_dir, raw.get("auth", {}), problems))
+    for task in tasks.values():
+        if not (task.api_key_names or task.webhooks or config.open_task_routes):
+            problems.warnings.append(f"{path}: task {task.name!r}: has neither apiKeyNames nor webhook secrets, so nothing can call it")
+    return config
 
 
 def _parse_task(path, base_dir, name, table, problems: Problems) -> TaskSpec | None:
@@ -316,26 +396,12 @@ def _parse_task(path, base_dir, name, table, problems: Problems) -> TaskSpec | N
         problems.errors.append(f"{where}: must be a table ([tasks.{name}])")
         return None
     table = _translate_deprecated(where, table, problems)
-    fields, ok = {}, True
-    for key, value in table.items():
-        if key not in _TASK_OPTIONS:
-            problems.errors.append(f"{where}: unknown field {key!r}{_suggest(key, _TASK_OPTIONS)}")
-            ok = False
-            continue
-        attr, validate = _TASK_OPTIONS[key]
-        try:
-            checked = validate(value)
-        except _Invalid as e:
-            problems.errors.append(f"{where}: field {key!r} {e}")
-            ok = False
-            continue
-        if attr:
-            fields[attr] = checked
+    errors_before = len(problems.errors)
+    fields = _parse_table(where, table, _TASK_OPTIONS, problems)
     if "command" not in table:
         problems.errors.append(f"{where}: field 'command' is required (an array like [\"/bin/echo\", \"hi\"])")
-        ok = False
     webhooks = _load_webhook_secrets(where, base_dir, table, problems)
-    if not ok or webhooks is None:
+    if len(problems.errors) > errors_before or webhooks is None:
         return None
     if "workdir" in fields:
         fields["workdir"] = os.path.join(base_dir, fields["workdir"])
@@ -409,9 +475,130 @@ def _check_unique_webhook_secrets(path, tasks, problems: Problems):
             seen[secret] = (task.name, wh_name)
 
 
+def _permission_list(value):
+    names = _string_list(value)
+    unknown = [p for p in names if not is_known_permission(p)]
+    if unknown:
+        raise _Invalid(f"has an unknown permission {unknown[0]!r} (see rtask show-permissions)")
+    return names
+
+
+def _https_url(value):
+    url = _string(value)
+    if not re.match(r"https?://[^/]", url):
+        raise _Invalid("must be an http(s) URL")
+    return url
+
+
+_AUTH_OPTIONS = {
+    "apiKeyHeader": ("api_key_header", _string),
+    "strictValidation": ("strict_validation", _bool),
+    "logUnknownPermissions": ("log_unknown_permissions", _bool),
+    "configEndpointEnabled": ("config_endpoint_enabled", _bool),
+    "keyPermissions": (None, None),
+    "jwt": (None, None),
+}
+_JWT_OPTIONS = {
+    "verificationMethod": ("verification_method", _string),
+    "publicKey": ("public_key", _string),
+    "publicKeyPath": ("public_key_path", _string),
+    "issuer": ("issuer", _string),
+    "audience": ("audience", _string),
+    "permissionsClaim": ("permissions_claim", _string),
+    "leewaySeconds": ("leeway_seconds", _number),
+    "allowedAlgorithms": ("allowed_algorithms", lambda v: _string_list(v, non_empty=True)),
+    "jwksUrl": ("jwks_url", _https_url),
+    "jwksRefreshIntervalSeconds": ("jwks_refresh_interval_seconds", lambda v: _number(v, positive=True)),
+    "jwksMaxStaleSeconds": ("jwks_max_stale_seconds", _number),
+    "jwksAllowHttp": ("jwks_allow_http", _bool),
+}
+JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384")
+
+
+def _parse_table(where, table, options, problems: Problems) -> dict:
+    """Validate ``table`` against an option map (key → (field, validator)); returns the
+    fields. A key without a field is only validated; one without a validator is left for
+    the caller."""
+    fields = {}
+    for key, value in table.items():
+        if key not in options:
+            problems.errors.append(f"{where}: unknown field {key!r}{_suggest(key, options)}")
+            continue
+        attr, validate = options[key]
+        try:
+            checked = validate(value) if validate else None
+        except _Invalid as e:
+            problems.errors.append(f"{where}: field {key!r} {e}")
+            continue
+        if attr:
+            fields[attr] = checked
+    return fields
+
+
+def _parse_auth(path, base_dir, table, problems: Problems) -> AuthSpec:
+    where = f"{path}: [auth]"
+    if not isinstance(table, dict):
+        problems.errors.append(f"{where} must be a table")
+        return AuthSpec()
+    fields = _parse_table(where, table, _AUTH_OPTIONS, problems)
+    grants = table.get("keyPermissions", {})
+    if not isinstance(grants, dict):
+        problems.errors.append(f"{where}: field 'keyPermissions' must be a table of key name → permissions")
+        grants = {}
+    key_permissions = []
+    for key_name, value in grants.items():
+        try:
+            key_permissions.append((key_name, _permission_list(value)))
+        except _Invalid as e:
+            problems.errors.append(f"{where}: keyPermissions entry {key_name!r} {e}")
+    jwt_table = table.get("jwt")
+    jwt_spec = None
+    if jwt_table is not None:
+        jwt_spec = _parse_jwt(f"{path}: [auth.jwt]", base_dir, jwt_table, problems)
+    return AuthSpec(key_permissions=tuple(key_permissions), jwt=jwt_spec, **fields)
+
+
+def _parse_jwt(where, base_dir, table, problems: Problems) -> JwtSpec | None:
+    if not isinstance(table, dict):
+        problems.errors.append(f"{where} must be a table")
+        return None
+    fields = _parse_table(where, table, _JWT_OPTIONS, problems)
+    method = fields.get("verification_method", "public_key")
+    bad_algs = [a for a in fields.get("allowed_algorithms", ()) if a not in JWT_ALGORITHMS]
+    if bad_algs:
+        problems.errors.append(f"{where}: field 'allowedAlgorithms' has {bad_algs[0]!r}; "
+                               f"allowed are {', '.join(JWT_ALGORITHMS)}")
+    if method == "public_key":
+        key_path = os.environ.get("RTASK_JWT_PUBLIC_KEY_PATH") or fields.pop("public_key_path", None)
+        fields["public_key"] = os.environ.get("RTASK_JWT_PUBLIC_KEY") or fields.get("public_key")
+        if not fields["public_key"] and key_path:
+            full = os.path.join(base_dir, key_path)
+            try:
+                with open(full, encoding="utf-8") as f:
+                    fields["public_key"] = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                problems.errors.append(f"{where}: field 'publicKeyPath': cannot read {full}: "
+                                       f"{getattr(e, 'strerror', None) or 'not text'}")
+                return None
+        if not fields["public_key"]:
+            problems.errors.append(f"{where}: verificationMethod 'public_key' needs publicKeyPath or publicKey")
+            return None
+    elif method == "jwks":
+        fields.pop("public_key_path", None)
+        url = fields.get("jwks_url")
+        if not url:
+            problems.errors.append(f"{where}: verificationMethod 'jwks' needs jwksUrl")
+            return None
+        if url.startswith("http://") and not fields.get("jwks_allow_http"):
+            problems.errors.append(f"{where}: field 'jwksUrl' must be https (set jwksAllowHttp = true only for a local identity provider)")
+            return None
+    else:
+        problems.errors.append(f"{where}: field 'verificationMethod' must be 'public_key' or 'jwks'")
+        return None
+    return JwtSpec(**fields)
+
+
 def _warn_about_task(where, task: TaskSpec, problems: Problems):
-    if not task.api_key_names and not task.webhooks:
-        problems.warnings.append(f"{where}: has neither apiKeyNames nor webhook secrets, so nothing can call it")
     if task.workdir and not os.path.isdir(task.workdir):
         problems.warnings.append(f"{where}: workdir {task.workdir} does not exist (yet); runs will fail until it does")
     program = task.command[0]
@@ -446,6 +633,9 @@ def warn_about_unknown_key_names(config: Config, key_names, keys_path, problems:
                 problems.warnings.append(
                     f"{config.path}: task {task.name!r}: key {name!r} is not in {keys_path} yet; "
                     f"create it with: rtask add-key {name}")
+    for name, grants in config.auth.key_permissions:
+        if "*" in grants:
+            problems.warnings.append(f"{config.path}: [auth.keyPermissions] grants '*' (everything) to key {name!r}")
 
 
 # =============================================================================================
@@ -577,15 +767,19 @@ def _toml_key(name: str) -> str:
 
 
 def write_key_file(path: str, keys: dict[str, StoredKey]):
-    """Replace keys.toml atomically: temp file in the same directory (0600), fsync, rename,
-    fsync the directory. A crash leaves either the old file or the new one, never half."""
-    directory = os.path.dirname(os.path.abspath(path))
     text = "".join(f"{_toml_key(n)} = \"{encode_stored_key(k)}\"\n" for n, k in sorted(keys.items()))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".keys.", suffix=".tmp")
+    write_file_atomically(path, text.encode("utf-8"), 0o600)
+
+
+def write_file_atomically(path: str, data: bytes, mode: int):
+    """Replace ``path``: temp file in the same directory (created 0600, then ``mode``), fsync,
+    rename, fsync the directory. A crash leaves either the old file or the new one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -666,10 +860,11 @@ def unauthorized(reason, message):
 
 @dataclasses.dataclass(frozen=True)
 class Caller:
-    """Who made a request: a key name or a webhook name (labels metrics, logs, RTASK_CALLER)."""
+    """Who made a request (labels metrics and logs, and is RTASK_CALLER) and what it may do."""
 
-    name: str
-    kind: str  # "api_key" or "webhook"
+    name: str  # key name, JWT subject, or webhook name
+    kind: str  # "api_key", "jwt" or "webhook"
+    grants: frozenset[str] = frozenset()
 
 
 class KeyRing:
@@ -769,23 +964,226 @@ class KeyRing:
             return hit[0]
 
 
-def bearer_token(headers: Headers) -> str:
-    """The token of ``Authorization: Bearer <token>``, or Reject(401)."""
-    values = headers.get_all("authorization")
-    if not values:
-        raise unauthorized("missing_key", "An API key is required: send 'Authorization: Bearer <key>'.")
+def _import_jwt():
+    """PyJWT is an optional extra, imported only where JWTs are used."""
+    try:
+        import jwt
+        import jwt.algorithms  # noqa: F401  (fails without the crypto extra's cryptography)
+        from cryptography.hazmat.primitives import serialization  # noqa: F401
+    except ImportError:
+        raise ConfigError("JWT support needs the optional extra: pip install 'PyJWT[crypto]'") from None
+    return jwt
+
+
+class JwksCache:
+    """The identity provider's signing keys, by ``kid``.
+
+    Fetched at start (a failure is logged; the server still starts), refreshed lazily when
+    older than the refresh interval, and at once for an unknown kid, but never more than once
+    per JWKS_COOLDOWN_SECONDS whatever the reason, so a flood of random kids costs one fetch.
+    When the provider is down, the last keys serve up to jwksMaxStaleSeconds past their
+    refresh time. Only HTTPS (unless jwksAllowHttp), a 10-second timeout, no redirects."""
+
+    def __init__(self, spec: JwtSpec, metrics: Metrics):
+        self.spec, self.metrics = spec, metrics
+        self._keys: dict[str | None, object] = {}
+        self._fetched: float | None = None  # monotonic time of the last successful fetch
+        self._attempted = -math.inf
+        self._lock = threading.Lock()
+        self.fetches = 0
+        self.refresh()
+
+    def refresh(self):
+        """Fetch the key set unless another fetch is running or one was tried too recently."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            if time.monotonic() - self._attempted < JWKS_COOLDOWN_SECONDS:
+                return
+            self._attempted = time.monotonic()
+            self.fetches += 1
+            try:
+                self._keys = self._fetch()
+                self._fetched = time.monotonic()
+                log.info("JWKS fetched", extra={"fields": {"url": self.spec.jwks_url, "keys": len(self._keys)}})
+            except Exception as e:  # network, TLS, JSON or key errors: keep the old keys
+                log.error("JWKS fetch failed; keeping the previous keys",
+                          extra={"fields": {"url": self.spec.jwks_url, "problem": str(e)[:200]}})
+        finally:
+            self._lock.release()
+
+    def _fetch(self) -> dict:
+        import urllib.request
+        jwt = _import_jwt()
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args, **kwargs):
+                raise ValueError("the JWKS URL redirects; configure the final URL")
+
+        opener = urllib.request.build_opener(NoRedirect)
+        with opener.open(self.spec.jwks_url, timeout=JWKS_FETCH_TIMEOUT_SECONDS) as response:
+            data = json.loads(response.read(JWKS_MAX_BYTES + 1)[:JWKS_MAX_BYTES])
+        keys = {}
+        for entry in data.get("keys", []):
+            try:
+                jwk = jwt.PyJWK.from_dict(entry)
+            except jwt.PyJWTError:
+                continue  # a key type or algorithm we do not use
+            keys[jwk.key_id] = jwk.key
+        return keys
+
+    def key_for(self, kid: str | None):
+        now = time.monotonic()
+        interval = self.spec.jwks_refresh_interval_seconds
+        if self._fetched is None or now - self._fetched > interval or kid not in self._keys:
+            self.refresh()
+        if self._fetched is None or time.monotonic() - self._fetched > interval + self.spec.jwks_max_stale_seconds:
+            raise ValueError("no current signing keys from the identity provider")
+        key = self._keys.get(kid)
+        if key is None:
+            raise ValueError("unknown signing key id")
+        return key
+
+
+class JwtVerifier:
+    """Checks a bearer JWT: signature with an allowed asymmetric algorithm, exp required,
+    nbf if present, iss and aud as configured, leeway; then reads the permissions claim."""
+
+    def __init__(self, spec: JwtSpec, auth: AuthSpec, metrics: Metrics):
+        jwt = _import_jwt()
+        self.spec, self.auth, self.metrics = spec, auth, metrics
+        self._jwt = jwt
+        self._static_key = None
+        self.jwks = None
+        if spec.verification_method == "jwks":
+            self.jwks = JwksCache(spec, metrics)
+        else:
+            from cryptography.hazmat.primitives.serialization import load_pem_public_key
+            try:
+                self._static_key = load_pem_public_key(spec.public_key.encode())
+            except ValueError:
+                raise ConfigError("[auth.jwt]: the public key is not a PEM public key") from None
+
+    def verify(self, token: str) -> Caller:
+        started = time.perf_counter()
+        try:
+            caller = self._verify(token)
+        except Reject:
+            self.metrics.jwt_verification(time.perf_counter() - started, "failure")
+            raise
+        self.metrics.jwt_verification(time.perf_counter() - started, "success")
+        return caller
+
+    def _verify(self, token: str) -> Caller:
+        jwt = self._jwt
+        try:
+            header = jwt.get_unverified_header(token)
+            if header.get("alg") not in self.spec.allowed_algorithms:
+                raise jwt.InvalidAlgorithmError("algorithm not allowed")
+            key = self.jwks.key_for(header.get("kid")) if self.jwks else self._static_key
+            claims = jwt.decode(token, key, algorithms=list(self.spec.allowed_algorithms),
+                                audience=self.spec.audience, issuer=self.spec.issuer,
+                                leeway=self.spec.leeway_seconds,
+                                options={"require": ["exp", "iss", "aud"]})
+        except (jwt.PyJWTError, ValueError, TypeError) as e:
+            reason = "token_expired" if isinstance(e, jwt.ExpiredSignatureError) else "invalid_token"
+            raise unauthorized(reason, f"The bearer token is not valid: {_jwt_problem(e)}.") from None
+        grants = self._permissions(claims)
+        subject = claims.get("sub")
+        return Caller(subject if isinstance(subject, str) and subject else "jwt", "jwt", grants)
+
+    def _permissions(self, claims: dict) -> frozenset[str]:
+        value = claims.get(self.spec.permissions_claim, [])
+        if isinstance(value, str):  # OAuth "scope" / Okta "scp" style
+            value = value.split()
+        if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+            raise unauthorized("invalid_token", f"The token's {self.spec.permissions_claim!r} claim is not a list of permissions.")
+        unknown = [p for p in value if not is_known_permission(p)]
+        if unknown and self.auth.log_unknown_permissions:
+            log.warning("token carries unknown permissions", extra={"fields": {
+                "subject": claims.get("sub"), "unknown": ",".join(unknown)[:200]}})
+        if unknown and self.auth.strict_validation:
+            raise unauthorized("unknown_permission", f"The token has an unknown permission: {unknown[0][:64]!r}.")
+        if "*" in value:
+            log.warning("token grants '*' (everything)", extra={"fields": {"subject": claims.get("sub")}})
+        return frozenset(value)
+
+
+def _jwt_problem(error: Exception) -> str:
+    """A short reason that never echoes the token or a key."""
+    names = {"ExpiredSignatureError": "expired", "ImmatureSignatureError": "not yet valid",
+             "InvalidAudienceError": "wrong audience", "InvalidIssuerError": "wrong issuer",
+             "InvalidSignatureError": "bad signature", "InvalidAlgorithmError": "algorithm not allowed",
+             "MissingRequiredClaimError": "a required claim is missing", "DecodeError": "malformed"}
+    if isinstance(error, ValueError) and not type(error).__module__.startswith("jwt"):
+        return str(error)
+    return names.get(type(error).__name__, "rejected")
+
+
+class Authenticator:
+    """Turns a request's credentials into a Caller, in priority order (SPEC §9):
+
+    1. ``Authorization: Bearer <token>``: a JWT when the token has the three-part JWS form,
+       else an rtask API key.
+    2. The API-key header (``apiKeyHeader``, default X-API-Key) holding an rtask API key.
+
+    A credential that is present but fails never falls back to a lower one."""
+
+    def __init__(self, config: Config, keyring: KeyRing, metrics: Metrics):
+        self.config, self.keyring, self.metrics = config, keyring, metrics
+        self.api_key_header = config.auth.api_key_header.lower()
+        self.jwt = JwtVerifier(config.auth.jwt, config.auth, metrics) if config.auth.jwt else None
+
+    def authenticate(self, headers: Headers) -> Caller:
+        method = "api_key"
+        try:
+            authorization = headers.get_all("authorization")
+            if authorization:
+                token = _bearer_token(authorization)
+                if token.count(".") == 2:
+                    method = "jwt"
+                    caller = self._verify_jwt(token)
+                else:
+                    caller = self._verify_key(token)
+            elif api_key := headers.get_all(self.api_key_header):
+                if len(api_key) > 1:
+                    raise unauthorized("invalid_header", f"Send one {self.config.auth.api_key_header} header.")
+                caller = self._verify_key(api_key[0].strip())
+            else:
+                raise unauthorized("missing_key", "A credential is required: send 'Authorization: Bearer <key>'.")
+        except Reject as r:
+            self.metrics.auth_result(method, r.reason)
+            raise
+        self.metrics.auth_result(method, None)
+        return caller
+
+    def _verify_key(self, token: str) -> Caller:
+        name = self.keyring.verify(token)
+        return Caller(name, "api_key", self.config.key_grants(name))
+
+    def _verify_jwt(self, token: str) -> Caller:
+        if self.jwt is None:
+            raise unauthorized("invalid_token", "Bearer tokens (JWT) are not enabled on this server.")
+        return self.jwt.verify(token)
+
+
+def _bearer_token(values: list[str]) -> str:
     scheme, _, token = values[0].strip().partition(" ")
     token = token.strip()
     if len(values) > 1 or scheme.lower() != "bearer" or not token or " " in token:
-        raise unauthorized("invalid_header", "The Authorization header must be 'Bearer <key>'.")
+        raise unauthorized("invalid_header", "The Authorization header must be 'Bearer <token>'.")
     return token
 
 
-def authorize_task_key(key_name: str, task: TaskSpec, action: str):
-    """A verified key may use a task only when the task's apiKeyNames names it."""
-    if key_name not in task.api_key_names:
-        raise Reject(403, "forbidden", f"Missing required permission: tasks:{action}:{task.name}",
-                     "key_not_allowed")
+def require_permission(caller: Caller, permission: str, metrics: Metrics):
+    """403 unless the caller holds ``permission``. The metric reason is SPEC §5's
+    ``key_not_allowed`` for every kind of credential."""
+    if caller.kind == "webhook" or holds_permission(caller.grants, permission):
+        return
+    metrics.permission_denied(permission)
+    log.info("permission denied", extra={"fields": {
+        "caller": caller.name, "kind": caller.kind, "permission": permission}})
+    raise Reject(403, "forbidden", f"Missing required permission: {permission}", "key_not_allowed")
 
 
 # =============================================================================================
@@ -819,13 +1217,24 @@ class RateLimiter:
 
 
 class ConcurrencyLimit:
-    """Slots for running executions of one task (0 = unlimited). A slot is taken before the
-    body is read and given back when the process ends, also for async runs."""
+    """Slots for running executions of one task (0 = unlimited), and a bounded line of
+    requests waiting for one (queueSize). A slot is given back when the process ends, also
+    for async runs; a freed slot goes straight to the first in line, so newcomers cannot
+    overtake the queue."""
 
-    def __init__(self, limit: int):
-        self.limit = limit
+    def __init__(self, limit: int, queue_size: int):
+        self.limit, self.queue_size = limit, queue_size
         self.running = 0
+        self._waiting: collections.deque = collections.deque()  # on_grant callables, FIFO
         self._lock = threading.Lock()
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    def has_room(self) -> bool:
+        """Could a request start now or wait in line?"""
+        return not self.limit or self.running < self.limit or len(self._waiting) < self.queue_size
 
     def try_acquire(self) -> bool:
         with self._lock:
@@ -834,9 +1243,31 @@ class ConcurrencyLimit:
             self.running += 1
             return True
 
+    def enqueue(self, on_grant) -> bool:
+        """Wait in line; ``on_grant()`` is called, holding the slot, when one frees. False when
+        the line is full."""
+        with self._lock:
+            if len(self._waiting) >= self.queue_size:
+                return False
+            self._waiting.append(on_grant)
+            return True
+
+    def withdraw(self, on_grant) -> bool:
+        """Leave the line; False if the slot was already granted."""
+        with self._lock:
+            try:
+                self._waiting.remove(on_grant)
+                return True
+            except ValueError:
+                return False
+
     def release(self):
         with self._lock:
-            self.running -= 1
+            if not self._waiting:
+                self.running -= 1
+                return
+            on_grant = self._waiting.popleft()
+        on_grant()
 
 
 # =============================================================================================
@@ -878,16 +1309,24 @@ class Run:
         self.id = base64.b32encode(secrets.token_bytes(10)).decode("ascii").lower()
         self.task = task
         self.caller = caller
-        self.started_at = time.time()
-        self.started = time.monotonic()
+        self.created_at = time.time()
+        self.started_at: float | None = None  # when the process was started (after any queue)
+        self.started = 0.0
         self.finished_at: float | None = None
         self.duration = 0.0
-        self.status = "running"
+        self.status = "queued"
         self.exit_code = -1
+        self.launch = None  # while queued: the callable waiting in the task's line
         self.stdout = Output(task.max_output_bytes)
         self.stderr = Output(task.max_output_bytes)
         self.done = threading.Event()
         self.changed = threading.Condition()  # notified on output and on the end
+
+    def mark_started(self):
+        with self.changed:
+            self.started_at, self.started = time.time(), time.monotonic()
+            self.status = "running"
+            self.changed.notify_all()
 
     def add_output(self, stream: Output, chunk: bytes):
         with self.changed:
@@ -896,16 +1335,27 @@ class Run:
 
     def finish(self, status: str, exit_code: int):
         with self.changed:
+            if self.started_at is None:  # ended before a process started
+                self.started_at, self.started = time.time(), time.monotonic()
             self.duration = time.monotonic() - self.started
             self.finished_at = self.started_at + self.duration
             self.status, self.exit_code = status, exit_code
             self.done.set()
             self.changed.notify_all()
 
+    def summary(self) -> dict:
+        """One line of GET /tasks/<name>: no output."""
+        with self.changed:
+            return {"task_id": self.id, "status": self.status, "caller": self.caller.name,
+                    "created_at": _rfc3339(self.created_at),
+                    "started_at": self.started_at and _rfc3339(self.started_at),
+                    "finished_at": self.finished_at and _rfc3339(self.finished_at)}
+
     def to_json(self) -> dict:
         with self.changed:
-            result = {"status": self.status, "exit_code": self.exit_code, "task_id": self.id,
-                      "started_at": _rfc3339(self.started_at)}
+            result = {"status": self.status, "exit_code": self.exit_code, "task_id": self.id}
+            if self.started_at is not None:
+                result["started_at"] = _rfc3339(self.started_at)
             if not self.done.is_set():
                 return result
             result["finished_at"] = _rfc3339(self.finished_at)
@@ -962,7 +1412,7 @@ class Executor:
 
     def __init__(self):
         self._selector = selectors.DefaultSelector()
-        self._timers: list = []  # heap of [when, seq, callback, active]
+        self._timers: list = []  # heap of [when, seq, callback or None when cancelled]
         self._seq = itertools.count()
         self._incoming: collections.deque = collections.deque()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -1009,8 +1459,7 @@ class Executor:
         child.stdin_data = memoryview(body)
         with self._count_lock:
             self.running += 1
-        self._incoming.append(child)
-        os.write(self._wake_w, b"x")
+        self.call_soon(child)
 
     def cancel(self, run: Run) -> bool:
         """Stop a running run's process group (TERM, then KILL); False if it had ended."""
@@ -1026,9 +1475,13 @@ class Executor:
         done.wait()
         return bool(found)
 
-    def call_soon(self, fn):
-        self._incoming.append(fn)
-        os.write(self._wake_w, b"x")
+    def call_soon(self, item):
+        """Hand a new child or a function to the reactor thread (the selector is its alone)."""
+        self._incoming.append(item)
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:  # the pipe is full: the reactor is already due to wake
+            pass
 
     # -- the reactor thread ------------------------------------------------------------------
 
@@ -1037,19 +1490,36 @@ class Executor:
             timeout = None
             if self._timers:
                 timeout = max(0.0, self._timers[0][0] - time.monotonic())
+            registered = self._selector.get_map()
             for key, mask in self._selector.select(timeout):
-                key.data(key.fd, mask)
+                # An earlier callback of this batch may have closed this fd (and a new child
+                # may even have reused its number): only a still-registered key is current.
+                if registered.get(key.fd) is key:
+                    self._guarded(key.data, key.fd, mask)
             now = time.monotonic()
             while self._timers and self._timers[0][0] <= now:
-                _, _, callback, active = heapq.heappop(self._timers)
-                if active[0]:
-                    callback()
+                callback = heapq.heappop(self._timers)[2]
+                if callback is not None:
+                    self._guarded(callback)
+
+    @staticmethod
+    def _guarded(fn, *args):
+        """A bug in one callback must not stop the reactor, which every run depends on."""
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("internal error in the process reactor")
 
     def _after(self, delay: float, callback) -> list:
-        """Schedule ``callback`` on the reactor; returns a handle: set handle[0] = False to cancel."""
-        active = [True]
-        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), callback, active))
-        return active
+        """Schedule ``callback`` on the reactor. Returns a handle; ``_cancel(handle)`` drops the
+        callback at once, so a cancelled 30-second timeout does not keep its run in memory."""
+        handle = [time.monotonic() + delay, next(self._seq), callback]
+        heapq.heappush(self._timers, handle)
+        return handle
+
+    @staticmethod
+    def _cancel(handle: list):
+        handle[2] = None
 
     def _drain_wakeups(self, fd, mask):
         try:
@@ -1162,7 +1632,7 @@ class Executor:
             return
         self._children.discard(child)
         for handle in child.timers:
-            handle[0] = False
+            self._cancel(handle)
         for fd in list(child.streams):
             self._close_stream(child, fd)
         self._close_stdin(child)
@@ -1233,11 +1703,15 @@ class RunStore:
             _, run_id = self._expiry.popleft()
             self._runs.pop(run_id, None)
 
-    def counts(self) -> tuple[int, int]:
-        """(running, finished results kept)."""
+    def finished_count(self) -> int:
         with self._lock:
             self._purge()
-            return len(self._runs) - len(self._expiry), len(self._expiry)
+            return len(self._expiry)
+
+    def newest_first(self) -> list[Run]:
+        with self._lock:
+            self._purge()
+            return sorted(self._runs.values(), key=lambda r: r.created_at, reverse=True)
 
 
 # =============================================================================================
@@ -1270,17 +1744,18 @@ class TaskState:
     def __init__(self, task: TaskSpec):
         self.task = task
         self.rate = RateLimiter(task.rate_limit)
-        self.slots = ConcurrencyLimit(task.max_concurrent)
+        self.slots = ConcurrencyLimit(task.max_concurrent, task.queue_size)
         self.runs = RunStore(task.retention_seconds)
 
 
 class App:
-    """Everything a request handler needs: config, keys, task states, executor, metrics."""
+    """Everything a request handler needs: config, credentials, task states, executor."""
 
     def __init__(self, config: Config, keyring: KeyRing, metrics: Metrics):
         self.config = config
         self.keyring = keyring
         self.metrics = metrics
+        self.auth = Authenticator(config, keyring, metrics)
         self.tasks = {name: TaskState(task) for name, task in config.tasks.items()}
         self.webhooks = config.webhook_index()
         self.executor = Executor()
@@ -1288,6 +1763,7 @@ class App:
         self.draining = False
         self.inflight = 0  # requests being answered
         self._inflight_lock = threading.Lock()
+        metrics.watch_queues(self.tasks)
 
     def request_started(self):
         with self._inflight_lock:
@@ -1297,17 +1773,32 @@ class App:
         with self._inflight_lock:
             self.inflight -= 1
 
-    def start_run(self, state: TaskState, caller: Caller, body: bytes, headers: Headers) -> Run:
-        """Spawn a run of the task; its concurrency slot (already held) is given back, its
+    def busy(self) -> bool:
+        """Anything still to finish before the process may exit?"""
+        return bool(self.inflight or self.executor.running or
+                    any(s.slots.queued for s in self.tasks.values()))
+
+    def launch(self, state: TaskState, run: Run, body: bytes, env: dict[str, str]):
+        """Start the run's process; it must hold a concurrency slot, which is given back, its
         metric observed and its log line written when it ends."""
-        run = Run(state.task, caller)
-        state.runs.add(run)
-        env = build_environment(state.task, run, headers)
+        run.launch = None
+        run.mark_started()
         self.executor.start(run, body, env, lambda r: self._run_ended(state, r))
-        return run
+
+    def cancel_queued(self, state: TaskState, run: Run) -> bool:
+        """Take a run that waits for a slot out of the line; False if it has started."""
+        if run.launch is None or not state.slots.withdraw(run.launch):
+            return False
+        run.launch = None
+        run.finish("cancelled", -1)
+        self._record_end(state, run)
+        return True
 
     def _run_ended(self, state: TaskState, run: Run):
         state.slots.release()
+        self._record_end(state, run)
+
+    def _record_end(self, state: TaskState, run: Run):
         state.runs.finished(run)
         self.metrics.observe_run(run)
         log.info("task finished", extra={"fields": {
@@ -1370,8 +1861,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         except Reject as r:
             self.send_json(r.status, {"error": r.code, "message": r.message}, close=True)
             return
-        if not self.body_pending:
-            self.server.watchdog.disarm(self.connection)
+        self.server.watchdog.disarm(self.connection)  # read_body arms it again for the body
         try:
             route(self)
         except Exception:
@@ -1431,6 +1921,7 @@ class RequestHandler(BaseHTTPRequestHandler):
                 raise Reject(413, "payload_too_large", f"The body is larger than {limit} bytes.", "input_too_large")
         if (self.headers.get("expect") or "").lower() == "100-continue":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.server.watchdog.arm(self.connection, REQUEST_READ_TIMEOUT)
         try:
             body = self._read_chunked(limit) if chunked else self._read_exact(int(length or 0))
         finally:
@@ -1479,11 +1970,14 @@ class RequestHandler(BaseHTTPRequestHandler):
         expect = (self.headers.get("expect") or "").lower() == "100-continue"
         if length.isdigit() and int(length) <= DISCARD_BODY_LIMIT and not expect \
                 and not self.headers.get("transfer-encoding"):
+            self.server.watchdog.arm(self.connection, REQUEST_READ_TIMEOUT)
             try:
                 self._read_exact(int(length))
                 return
             except Reject:
                 pass
+            finally:
+                self.server.watchdog.disarm(self.connection)
         self.close_connection = True
 
     # -- responses ----------------------------------------------------------------------------
@@ -1533,23 +2027,16 @@ def _http_date() -> str:
 def route(h: RequestHandler):
     """Dispatch by path, then method; a known path with a wrong method is 405 with Allow."""
     parts = h.path.split("/")[1:]
-    if parts[:1] == ["tasks"] and len(parts) == 2:
-        allowed = {"POST": post_task}
-    elif parts[:1] == ["tasks"] and len(parts) == 3:
-        allowed = {"GET": get_result}
-    elif parts[:1] == ["wh"] and len(parts) == 2:
+    task_name = parts[1] if parts[0] == "tasks" and len(parts) > 1 else None
+    if parts[0] == "wh" and len(parts) == 2:
         if h.command != "POST":  # any other method: 404, so that no answer confirms a secret
-            raise_not_found(h)
+            send_not_found(h)
             return
-        allowed = {"POST": post_webhook}
-    elif h.path == "/health":
-        allowed = {"GET": get_health}
-    elif h.path in ("/health/live", "/health/ready"):
-        allowed = {"GET": get_health_probe}
-    elif h.path == "/health/detailed":
-        allowed = {"GET": get_health_detailed}
+        allowed = {"POST": lambda h: post_webhook(h, parts[1])}
     else:
-        raise_not_found(h)
+        allowed = ROUTES.get(_route_shape(parts))
+    if allowed is None:
+        send_not_found(h)
         return
     handler = allowed.get(h.command)
     if handler is None:
@@ -1558,12 +2045,21 @@ def route(h: RequestHandler):
                     headers=[("Allow", allow)])
         return
     try:
-        handler(h, *parts[1:])
+        handler(h, *(parts[1:] if parts[0] == "tasks" else []))
     except Reject as r:
-        answer_reject(h, r, parts[1] if parts[0] == "tasks" else None)
+        answer_reject(h, r, task_name)
 
 
-def raise_not_found(h: RequestHandler):
+def _route_shape(parts: list[str]) -> str:
+    """The path with its variable segments starred: /tasks/deploy/abc → /tasks/*/*."""
+    if parts[0] == "tasks" and len(parts) == 4 and parts[3] == "events":
+        return "/tasks/*/*/events"
+    if parts[0] == "tasks" and len(parts) <= 3:
+        return "/tasks" + "/*" * (len(parts) - 1)
+    return "/" + "/".join(parts)
+
+
+def send_not_found(h: RequestHandler):
     h.send_json(404, {"error": "not_found", "message": "There is nothing at this path."})
 
 
@@ -1575,88 +2071,255 @@ def answer_reject(h: RequestHandler, r: Reject, task_name: str | None):
     h.send_json(r.status, {"error": r.code, "message": r.message}, headers=r.headers)
 
 
-def task_with_route(h: RequestHandler, name: str) -> TaskState:
-    """The task called by /tasks/<name>; a task without apiKeyNames has no such route."""
+def task_state(h: RequestHandler, name: str) -> TaskState:
+    """The task named in a /tasks path. A task without apiKeyNames has no /tasks routes
+    unless [auth] can grant permissions on it (keyPermissions or JWT)."""
     state = h.app.tasks.get(name)
-    if state is None or not state.task.api_key_names:
+    if state is None or not (state.task.api_key_names or h.app.config.open_task_routes):
         raise Reject(404, "not_found", f"There is no task named {name!r}.")
     return state
 
 
-def authenticate_key(h: RequestHandler, state: TaskState, action: str) -> Caller:
-    key_name = h.app.keyring.verify(bearer_token(h.headers))
-    authorize_task_key(key_name, state.task, action)
-    return Caller(key_name, "api_key")
+def authorize(h: RequestHandler, permission: str) -> Caller:
+    caller = h.app.auth.authenticate(h.headers)
+    require_permission(caller, permission, h.app.metrics)
+    return caller
+
+
+def find_run(state: TaskState, run_id: str) -> Run:
+    """An id that is not of the task-id form is simply unknown."""
+    run = state.runs.get(run_id) if TASK_ID_RE.fullmatch(run_id) else None
+    if run is None:
+        raise Reject(404, "not_found", "No such run (unknown, or its result has expired).")
+    return run
 
 
 def post_task(h: RequestHandler, name: str):
     """POST /tasks/<name>: credentials → rate → concurrency → body size → run."""
-    state = task_with_route(h, name)
-    caller = authenticate_key(h, state, "run")
+    state = task_state(h, name)
+    caller = authorize(h, f"tasks:run:{name}")
     execute(h, state, caller)
 
 
 def post_webhook(h: RequestHandler, secret: str):
-    """POST /wh/<secret>: the secret is the credential; logged and counted by its name."""
+    """POST /wh/<secret>: the secret is the credential; logged and counted by its name only."""
     found = h.app.webhooks.get(_digest(secret))
     if found is None:
-        raise_not_found(h)
+        h.app.metrics.auth_result("webhook", "unknown_webhook")
+        send_not_found(h)
         return
+    h.app.metrics.auth_result("webhook", None)
     task, webhook_name = found
-    execute(h, h.app.tasks[task.name], Caller(webhook_name, "webhook"))
+    try:
+        execute(h, h.app.tasks[task.name], Caller(webhook_name, "webhook"))
+    except Reject as r:
+        answer_reject(h, r, task.name)
 
 
 def execute(h: RequestHandler, state: TaskState, caller: Caller):
-    """The checks after authentication, in order, then the run. A request refused here
-    never starts a process; one refused by concurrency has spent its rate token (as in Go)."""
+    """The checks after authentication, in order, then the run. A request refused here never
+    starts a process; one refused for concurrency has spent its rate token (as in Go)."""
     task = state.task
     if not state.rate.allow():
         raise Reject(429, "rate_limited", f"Task {task.name!r} allows {task.rate_limit:g} requests per second.",
                      "limit_exceeded", [("Retry-After", state.rate.retry_after)])
-    if h.app.executor.running >= MAX_RUNS_IN_FLIGHT or not state.slots.try_acquire():
-        raise Reject(429, "too_many_running", f"Task {task.name!r} is already running as often as it may.",
-                     "max_concurrent", [("Retry-After", "1")])
-    try:
-        body = h.read_body(task.max_input_bytes)
-    except BaseException:
-        state.slots.release()
-        raise
-    run = h.app.start_run(state, caller, body, h.headers)
+    if h.app.executor.running >= MAX_RUNS_IN_FLIGHT or not state.slots.has_room():
+        raise too_many_running(task)
+    body = h.read_body(task.max_input_bytes)
+    run = Run(task, caller)
+    env = build_environment(task, run, h.headers)
+    start = lambda: h.app.launch(state, run, body, env)  # noqa: E731
+    if state.slots.try_acquire():
+        state.runs.add(run)
+        start()
+    elif task.is_async:
+        run.launch = start
+        if not state.slots.enqueue(start):
+            raise too_many_running(task)
+        state.runs.add(run)
+    else:
+        wait_in_line(state, run, start)
     if task.is_async:
-        h.send_json(200, {"task_id": run.id})
-        return
-    run.done.wait()
-    h.send_json(200, run.to_json())
+        h.send_json(200, {"task_id": run.id, "status": run.status})
+    elif "text/event-stream" in (h.headers.get("accept") or ""):
+        stream_events(h, run)
+    else:
+        run.done.wait()
+        h.send_json(200, run.to_json())
+
+
+def wait_in_line(state: TaskState, run: Run, start):
+    """A sync request waits up to queueTimeoutSeconds for a slot, then gets 429."""
+    granted = threading.Event()
+    if not state.slots.enqueue(granted.set):
+        raise too_many_running(state.task)
+    if not granted.wait(state.task.queue_timeout_seconds) and state.slots.withdraw(granted.set):
+        raise too_many_running(state.task)
+    state.runs.add(run)
+    start()
+
+
+def too_many_running(task: TaskSpec) -> Reject:
+    return Reject(429, "too_many_running", f"Task {task.name!r} is already running as often as it may.",
+                  "max_concurrent", [("Retry-After", "1")])
 
 
 def get_result(h: RequestHandler, name: str, run_id: str):
-    """GET /tasks/<name>/<id>: needs a key allowed for the task, like the POST."""
-    state = task_with_route(h, name)
-    authenticate_key(h, state, "read")
-    run = state.runs.get(run_id) if TASK_ID_RE.fullmatch(run_id) else None
-    if run is None:
-        raise Reject(404, "not_found", "No such run (unknown, or its result has expired).")
+    """GET /tasks/<name>/<id>[?wait=S]: the result; with wait, answered as soon as the run
+    ends or after S seconds (at most 60) with the running state."""
+    state = task_state(h, name)
+    authorize(h, f"tasks:read:{name}")
+    run = find_run(state, run_id)
+    wait = h.query.get("wait")
+    if wait:
+        try:
+            seconds = min(max(float(wait[0]), 0.0), MAX_LONG_POLL_SECONDS)
+        except ValueError:
+            raise Reject(400, "bad_request", "wait must be a number of seconds.") from None
+        run.done.wait(seconds)
     h.send_json(200, run.to_json())
+
+
+def get_events(h: RequestHandler, name: str, run_id: str, _events: str):
+    """GET /tasks/<name>/<id>/events: the run's output as Server-Sent Events."""
+    state = task_state(h, name)
+    authorize(h, f"tasks:read:{name}")
+    stream_events(h, find_run(state, run_id))
+
+
+def delete_run(h: RequestHandler, name: str, run_id: str):
+    """DELETE /tasks/<name>/<id>: stop the run's process group (TERM, then KILL after the
+    grace), answer with the final result; 409 when the run had already ended."""
+    state = task_state(h, name)
+    authorize(h, f"tasks:cancel:{name}")
+    run = find_run(state, run_id)
+    if not (h.app.cancel_queued(state, run) or h.app.executor.cancel(run)):
+        raise Reject(409, "conflict", "The run has already ended.")
+    run.done.wait(KILL_GRACE_SECONDS + 5)
+    h.send_json(200, run.to_json())
+
+
+def list_tasks(h: RequestHandler):
+    """GET /tasks: the tasks the caller may run, with their limits."""
+    caller = h.app.auth.authenticate(h.headers)
+    names = [n for n in h.app.tasks if holds_permission(caller.grants, f"tasks:list:{n}")]
+    if not names:
+        require_permission(caller, "tasks:list", h.app.metrics)
+    tasks = [task_summary(h.app.tasks[n].task) for n in names
+             if holds_permission(caller.grants, f"tasks:run:{n}")]
+    h.send_json(200, {"tasks": tasks})
+
+
+def task_summary(task: TaskSpec) -> dict:
+    return {"name": task.name, "async": task.is_async, "rateLimit": task.rate_limit,
+            "maxConcurrentTasks": task.max_concurrent, "queueSize": task.queue_size,
+            "maxInputBytes": task.max_input_bytes, "maxOutputBytes": task.max_output_bytes,
+            "executionTimeoutSeconds": task.timeout_seconds}
+
+
+def list_runs(h: RequestHandler, name: str):
+    """GET /tasks/<name>: the task's kept runs, newest first."""
+    state = task_state(h, name)
+    authorize(h, f"tasks:list:{name}")
+    h.send_json(200, {"task": name, "runs": [run.summary() for run in state.runs.newest_first()]})
 
 
 def get_health(h: RequestHandler):
     h.send_json(200, {"status": "healthy"})
 
 
-def get_health_probe(h: RequestHandler):
-    if h.path.endswith("/ready") and h.app.draining:
+def get_live(h: RequestHandler):
+    h.send_json(200, {"status": "alive"})
+
+
+def get_ready(h: RequestHandler):
+    if h.app.draining:
         h.send_json(503, {"status": "draining"})
     else:
-        h.send_json(200, {"status": "ok"})
+        h.send_json(200, {"status": "ready"})
 
 
 def get_health_detailed(h: RequestHandler):
     tasks = {}
     for name, state in h.app.tasks.items():
-        running, kept = state.runs.counts()
-        tasks[name] = {"running": running, "queued": 0, "results_kept": kept}
+        kept = state.runs.finished_count()
+        tasks[name] = {"running": state.slots.running, "queued": state.slots.queued, "results_kept": kept}
     h.send_json(200, {"status": "draining" if h.app.draining else "healthy", "version": __version__,
                       "uptime_seconds": round(time.monotonic() - h.app.started, 3), "tasks": tasks})
+
+
+def get_config(h: RequestHandler):
+    """GET /config (only when configEndpointEnabled): a whitelist of settings. Never a secret,
+    a key hash, a webhook secret or an environment value: only names and limits."""
+    if not h.app.config.auth.config_endpoint_enabled:
+        send_not_found(h)
+        return
+    authorize(h, "system:config_read")
+    config = h.app.config
+    tasks = {}
+    for task in config.tasks.values():
+        tasks[task.name] = {**task_summary(task), "command": task.command[0],
+                            "apiKeyNames": list(task.api_key_names),
+                            "webhooks": [name for name, _ in task.webhooks],
+                            "environment": [name for name, _ in task.environment],
+                            "passRequestHeaders": list(task.pass_request_headers),
+                            "asyncResultRetentionSeconds": task.retention_seconds}
+    auth = config.auth
+    summary = {"apiKeyHeader": auth.api_key_header, "strictValidation": auth.strict_validation,
+               "keyPermissions": {n: list(p) for n, p in auth.key_permissions},
+               "keys": sorted(h.app.keyring.names), "jwt": None}
+    if auth.jwt:
+        summary["jwt"] = {"verificationMethod": auth.jwt.verification_method, "issuer": auth.jwt.issuer,
+                          "audience": auth.jwt.audience, "allowedAlgorithms": list(auth.jwt.allowed_algorithms),
+                          "jwksUrl": auth.jwt.jwks_url}
+    h.send_json(200, {"tasks": tasks, "auth": summary})
+
+
+ROUTES = {
+    "/tasks": {"GET": list_tasks},
+    "/tasks/*": {"POST": post_task, "GET": list_runs},
+    "/tasks/*/*": {"GET": get_result, "DELETE": delete_run},
+    "/tasks/*/*/events": {"GET": get_events},
+    "/health": {"GET": get_health},
+    "/health/live": {"GET": get_live},
+    "/health/ready": {"GET": get_ready},
+    "/health/detailed": {"GET": get_health_detailed},
+    "/config": {"GET": get_config},
+}
+
+
+# -- live output (Server-Sent Events) ---------------------------------------------------------
+
+
+def stream_events(h: RequestHandler, run: Run):
+    """Send the run's output as SSE: what is already written first, then new output as it
+    comes, then one ``result`` event; the connection then closes. Each event's data is a JSON
+    string (so newlines and odd bytes survive). A slow reader only slows its own thread (the
+    output it reads from is the run's bounded buffer); a reader that goes away stops here and
+    the run goes on."""
+    h.close_connection = True
+    h.discard_body()
+    h.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+                  b"Connection: close\r\n\r\n")
+    sent = {"stdout": 0, "stderr": 0}
+    decoders = {name: codecs.getincrementaldecoder("utf-8")("replace") for name in sent}
+    while True:
+        with run.changed:
+            if not run.done.is_set() and all(sent[n] == len(getattr(run, n).data) for n in sent):
+                run.changed.wait(SSE_HEARTBEAT_SECONDS)
+            chunks = {n: bytes(getattr(run, n).data[sent[n]:]) for n in sent}
+            ended = run.done.is_set()
+        events = []
+        for name, chunk in chunks.items():
+            sent[name] += len(chunk)
+            text = decoders[name].decode(chunk, final=ended)
+            if text:
+                events.append(f"event: {name}\ndata: {json.dumps(text)}\n\n")
+        if ended:
+            events.append(f"event: result\ndata: {json.dumps(run.to_json())}\n\n")
+        h.wfile.write("".join(events).encode() if events else b": keep-alive\n\n")
+        if ended:
+            return
 
 
 # -- server -----------------------------------------------------------------------------------
@@ -1754,24 +2417,34 @@ def make_server(address: tuple[str, int], app: App) -> Server:
 
 
 class Metrics:
-    """task_duration_seconds (per-task buckets) and task_rejection_total.
+    """The Prometheus metrics of SPEC §7 and §9, in the default registry (whose process and
+    platform collectors stay on).
 
     prometheus_client gives one bucket set per metric, but each task may configure its own
-    (durationHistogramBuckets), so the histogram is kept here and exposed by a collector."""
+    (durationHistogramBuckets), so task_duration_seconds is kept here and exposed by
+    ``collect``; the rest are the client library's own types."""
 
     DEFAULT_BUCKETS = (.005, .01, .025, .05, .075, .1, .25, .5, .75, 1.0, 2.5, 5.0, 7.5, 10.0)
 
     def __init__(self, config: Config):
-        from prometheus_client import Counter
+        from prometheus_client import Counter, Gauge, Histogram
         self._buckets = {name: t.histogram_buckets or self.DEFAULT_BUCKETS for name, t in config.tasks.items()}
         self._series: dict[tuple[str, str, str], list] = {}  # labels → [bucket counts, sum, count]
         self._lock = threading.Lock()
         self.rejections = Counter("task_rejection_total", "Requests refused before running, by reason.",
                                   ["handler", "reason"])
+        self.queue_length = Gauge("task_queue_length", "Requests waiting for a concurrency slot.", ["handler"])
+        self.auth_requests = Counter("auth_requests_total", "Credential checks.", ["method", "result"])
+        self.auth_failures = Counter("auth_failures_total", "Failed credential checks, by reason.", ["reason"])
+        self.permission_denials = Counter("permission_denials_total", "Valid credentials lacking a permission.",
+                                          ["permission"])
+        self.jwt_seconds = Histogram("auth_jwt_verification_duration_seconds", "Time to verify a JWT.",
+                                     ["result"], buckets=(.0005, .001, .0025, .005, .01, .025, .1, 1.0, 10.0))
 
     def observe_run(self, run: Run):
         buckets = self._buckets.get(run.task.name, self.DEFAULT_BUCKETS)
-        key = (run.task.name, run.caller.name, run.status if run.status in ("success", "timeout") else "failure")
+        status = run.status if run.status in ("success", "timeout") else "failure"
+        key = (run.task.name, run.caller.name, status)
         with self._lock:
             series = self._series.get(key)
             if series is None:
@@ -1784,6 +2457,21 @@ class Metrics:
 
     def count_rejection(self, task: str, reason: str):
         self.rejections.labels(task, reason).inc()
+
+    def auth_result(self, method: str, failure_reason: str | None):
+        self.auth_requests.labels(method, "failure" if failure_reason else "success").inc()
+        if failure_reason:
+            self.auth_failures.labels(failure_reason).inc()
+
+    def permission_denied(self, permission: str):
+        self.permission_denials.labels(permission).inc()
+
+    def jwt_verification(self, seconds: float, result: str):
+        self.jwt_seconds.labels(result).observe(seconds)
+
+    def watch_queues(self, states: dict[str, TaskState]):
+        for name, state in states.items():
+            self.queue_length.labels(name).set_function(lambda s=state: s.slots.queued)
 
     def collect(self):
         from prometheus_client.core import HistogramMetricFamily
@@ -1799,6 +2487,13 @@ class Metrics:
 
     def describe(self):
         return []
+
+
+class NullMetrics:
+    """Stands in for Metrics where nothing is served (validate-token)."""
+
+    def __getattr__(self, name):
+        return lambda *args: None
 
 
 def _le(bound: float) -> str:
@@ -1959,6 +2654,106 @@ def cmd_check_config(args) -> int:
     return 0
 
 
+def cmd_show_permissions(args) -> int:
+    """The permission vocabulary, then the grants in force from config.toml (if readable)."""
+    rows = [("tasks:run / tasks:run:<task>", "POST /tasks/<task>"),
+            ("tasks:read / tasks:read:<task>", "GET /tasks/<task>/<id>, .../events"),
+            ("tasks:list / tasks:list:<task>", "GET /tasks, GET /tasks/<task>"),
+            ("tasks:cancel / tasks:cancel:<task>", "DELETE /tasks/<task>/<id>"),
+            ("system:config_read", "GET /config (when configEndpointEnabled)"),
+            ("tasks:*, system:*", "every permission of that resource"),
+            ("*", "everything (a warning is logged when granted)")]
+    print("PERMISSION                            ALLOWS")
+    for permission, allows in rows:
+        print(f"{permission:<37} {allows}")
+    try:
+        config = load_config(args.config, Problems())
+    except ConfigError:
+        return 0
+    print(f"\nGrants in force ({args.config}):")
+    names = sorted({n for t in config.tasks.values() for n in t.api_key_names}
+                   | {n for n, _ in config.auth.key_permissions})
+    for name in names:
+        print(f"  key {name}: {', '.join(sorted(config.key_grants(name)))}")
+    if config.auth.jwt:
+        print(f"  JWTs: what their {config.auth.jwt.permissions_claim!r} claim lists")
+    return 0
+
+
+def cmd_generate_keys(args) -> int:
+    """An RSA key pair for signing tokens: private key 0600, written atomically."""
+    _import_jwt()
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    if args.key_size < 2048:
+        raise ConfigError(f"--key-size {args.key_size} is too small; use 2048 or more")
+    os.makedirs(args.output_dir, exist_ok=True)
+    private = rsa.generate_private_key(public_exponent=65537, key_size=args.key_size)
+    private_pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption())
+    public_pem = private.public_key().public_bytes(serialization.Encoding.PEM,
+                                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+    private_path = os.path.join(args.output_dir, "jwt-private-key.pem")
+    public_path = os.path.join(args.output_dir, "jwt-public-key.pem")
+    write_file_atomically(private_path, private_pem, 0o600)
+    write_file_atomically(public_path, public_pem, 0o644)
+    print(f"wrote {private_path} (keep it secret) and {public_path}", file=sys.stderr)
+    return 0
+
+
+def cmd_generate_token(args) -> int:
+    jwt = _import_jwt()
+    permissions = [p.strip() for p in args.permissions.split(",") if p.strip()]
+    unknown = [p for p in permissions if not is_known_permission(p)]
+    if unknown:
+        raise ConfigError(f"unknown permission {unknown[0]!r} (see rtask show-permissions)")
+    try:
+        with open(args.private_key, "rb") as f:
+            private_key = f.read()
+    except OSError as e:
+        raise ConfigError(f"{args.private_key}: cannot read the private key: {e.strerror}") from None
+    now = int(time.time())
+    claims = {"sub": args.subject, "iss": args.issuer, "aud": args.audience, "iat": now,
+              "exp": now + int(args.expiry_hours * 3600), "permissions": permissions}
+    try:
+        token = jwt.encode(claims, private_key, algorithm="RS256",
+                           headers={"kid": args.kid} if args.kid else None)
+    except (ValueError, TypeError, jwt.PyJWTError):
+        raise ConfigError(f"{args.private_key}: not an RSA private key in PEM form") from None
+    print(token)
+    return 0
+
+
+def cmd_validate_token(args) -> int:
+    """Check a token against a public key (or [auth.jwt] of the config) and show its claims."""
+    jwt = _import_jwt()
+    if args.public_key:
+        try:
+            with open(args.public_key, encoding="utf-8") as f:
+                spec = JwtSpec(public_key=f.read(), issuer=args.issuer, audience=args.audience)
+        except OSError as e:
+            raise ConfigError(f"{args.public_key}: cannot read the public key: {e.strerror}") from None
+    else:
+        problems = Problems()
+        config = load_config(args.config, problems)
+        problems.raise_if_errors()
+        if not config.auth.jwt:
+            raise ConfigError(f"{args.config} has no [auth.jwt]; pass --public-key PATH")
+        spec = config.auth.jwt
+    lenient = AuthSpec(strict_validation=False, log_unknown_permissions=False)
+    try:
+        caller = JwtVerifier(spec, lenient, NullMetrics()).verify(args.token)
+    except Reject as r:
+        print(f"invalid: {r.message}", file=sys.stderr)
+        return 1
+    claims = jwt.decode(args.token, options={"verify_signature": False})
+    print(f"valid token for subject {caller.name!r}")
+    print(f"expires: {_rfc3339(claims['exp'])}")
+    for permission in sorted(caller.grants):
+        print(f"  {permission}{'' if is_known_permission(permission) else '   (unknown permission)'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     def add_globals(p, default):
         p.add_argument("--config", default=default(DEFAULT_CONFIG_PATH), help="config file (default ./config.toml)")
@@ -1984,6 +2779,23 @@ def build_parser() -> argparse.ArgumentParser:
     command("list-keys", cmd_list_keys, "list key names and ids (never secrets)")
     command("remove-key", cmd_remove_key, "revoke a key").add_argument("name")
     command("check-config", cmd_check_config, "validate config and keys as run would; exit 0/1")
+    command("show-permissions", cmd_show_permissions, "the permission table and the grants in force")
+    keys = command("generate-keys", cmd_generate_keys, "create an RSA key pair for JWTs (needs PyJWT[crypto])")
+    keys.add_argument("--output-dir", default="keys")
+    keys.add_argument("--key-size", type=int, default=2048)
+    token = command("generate-token", cmd_generate_token, "sign a JWT (needs PyJWT[crypto]); prints it alone")
+    token.add_argument("--permissions", required=True, help="comma-separated, e.g. tasks:run:deploy,tasks:read")
+    token.add_argument("--subject", default="rtask-client")
+    token.add_argument("--private-key", default="keys/jwt-private-key.pem")
+    token.add_argument("--expiry-hours", type=float, default=24.0)
+    token.add_argument("--issuer", default=JwtSpec.issuer)
+    token.add_argument("--audience", default=JwtSpec.audience)
+    token.add_argument("--kid", help="key id header, for JWKS set-ups")
+    check = command("validate-token", cmd_validate_token, "verify a JWT and show its claims (needs PyJWT[crypto])")
+    check.add_argument("--token", required=True)
+    check.add_argument("--public-key", help="PEM public key (default: [auth.jwt] of the config)")
+    check.add_argument("--issuer", default=JwtSpec.issuer)
+    check.add_argument("--audience", default=JwtSpec.audience)
     return parser
 
 
