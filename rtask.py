@@ -2945,6 +2945,174 @@ def cmd_validate_token(args) -> int:
     return 0
 
 
+# -- rtask call: the CI client ----------------------------------------------------------------
+
+
+class CallRefused(Exception):
+    """The server refused the call (or could not be reached): exit 2 with its message."""
+
+
+class CallClient:
+    """A small HTTP client for ``rtask call``: credentials from the environment, JSON or
+    Server-Sent Events back, one connection per request, an overall deadline."""
+
+    def __init__(self, url: str, timeout: float | None):
+        from urllib.parse import urlsplit
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"RTASK_URL / --url {url!r} must look like http://host:8800")
+        self.scheme, self.host, self.port = parts.scheme, parts.hostname, parts.port
+        self.prefix = parts.path.rstrip("/")
+        self.deadline = time.monotonic() + timeout if timeout else None
+        self.headers = {}
+        if token := os.environ.get("RTASK_AUTH_TOKEN"):
+            self.headers["Authorization"] = f"Bearer {token}"
+        elif key := os.environ.get("RTASK_API_KEY"):
+            self.headers[os.environ.get("RTASK_API_KEY_HEADER") or "X-API-Key"] = key
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def open(self, method: str, path: str, body: bytes = b"", stream=False):
+        """Send a request; the response object, or CallRefused for any non-2xx answer."""
+        import http.client
+        timeout = self.remaining()
+        if timeout is not None and timeout <= 0:
+            raise TimeoutError
+        cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
+        conn = cls(self.host, self.port, timeout=timeout if stream or timeout else 90)
+        headers = dict(self.headers)
+        if stream:
+            headers["Accept"] = "text/event-stream"
+        try:
+            conn.request(method, self.prefix + path, body=body, headers=headers)
+            response = conn.getresponse()
+        except (OSError, http.client.HTTPException) as e:
+            if isinstance(e, TimeoutError):
+                raise
+            raise CallRefused(f"cannot reach {self.scheme}://{self.host}:{self.port}: {e}") from None
+        if response.status >= 300:
+            try:
+                message = json.loads(response.read()).get("message", "")
+            except ValueError:
+                message = ""
+            raise CallRefused(f"{response.status} {response.reason}: {message}".rstrip(": "))
+        return response
+
+    def json(self, method: str, path: str, body: bytes = b"") -> dict:
+        response = self.open(method, path, body)
+        try:
+            return json.loads(response.read())
+        except ValueError:
+            raise CallRefused("the server's answer is not JSON") from None
+
+    @staticmethod
+    def events(response):
+        """(event, data) pairs of an SSE answer, data decoded from JSON."""
+        event, data = None, []
+        for raw in response:
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].strip())
+            elif not line and event:
+                yield event, json.loads("\n".join(data))
+                event, data = None, []
+
+
+def call_exit_code(result: dict) -> int:
+    """The task's exit code; 124 for a timeout, 125 when the command could not start."""
+    status, code = result.get("status"), result.get("exit_code", -1)
+    if status == "timeout":
+        return 124
+    if code == -2:
+        return 125
+    if status == "success":
+        return 0
+    return code if isinstance(code, int) and 0 < code < 256 else 1
+
+
+def cmd_call(args) -> int:
+    client = CallClient(args.url or os.environ.get("RTASK_URL") or "http://localhost:8800", args.timeout)
+    body = read_call_body(args)
+    path = f"/tasks/{args.task}"
+    try:
+        if args.follow:
+            result = follow_call(client, path, body)
+        else:
+            answer = client.json("POST", path, body)
+            if "exit_code" in answer:  # a sync task answered with its result
+                result = answer
+            elif args.no_wait:
+                print(answer["task_id"])
+                return 0
+            else:
+                result = wait_for_result(client, f"{path}/{answer['task_id']}")
+            sys.stdout.write(result.get("stdout", ""))
+            sys.stderr.write(result.get("stderr", ""))
+    except CallRefused as e:
+        print(f"rtask call: refused: {e}", file=sys.stderr)
+        return 2
+    except TimeoutError:
+        print(f"rtask call: gave up after --timeout {args.timeout:g} s", file=sys.stderr)
+        return 124
+    return call_exit_code(result)
+
+
+def read_call_body(args) -> bytes:
+    if args.data is not None:
+        return args.data.encode()
+    if args.data_file == "-":
+        return sys.stdin.buffer.read()
+    if args.data_file:
+        try:
+            with open(args.data_file, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise ConfigError(f"{args.data_file}: cannot read it: {e.strerror}") from None
+    return b""
+
+
+def wait_for_result(client: CallClient, path: str) -> dict:
+    """Long-poll an async run; on a terminal, show the elapsed time while waiting (never in
+    CI logs, which are not terminals)."""
+    started = time.monotonic()
+    show = sys.stderr.isatty()
+    while True:
+        step = 1 if show else 30
+        remaining = client.remaining()
+        if remaining is not None:
+            step = max(0, min(step, int(remaining)))
+        result = client.json("GET", f"{path}?wait={step}")
+        if result.get("status") not in ("running", "queued"):
+            if show:
+                sys.stderr.write("\r\033[K")
+            return result
+        if show:
+            sys.stderr.write(f"\r{result['status']}… {time.monotonic() - started:.0f}s")
+            sys.stderr.flush()
+
+
+def follow_call(client: CallClient, path: str, body: bytes) -> dict:
+    """--follow: print output as the task writes it. A sync task streams its POST answer; an
+    async one answers with its task id, and its events stream is followed instead."""
+    response = client.open("POST", path, body, stream=True)
+    if not response.getheader("Content-Type", "").startswith("text/event-stream"):
+        task_id = json.loads(response.read())["task_id"]
+        response = client.open("GET", f"{path}/{task_id}/events", stream=True)
+    for event, data in client.events(response):
+        if event == "stdout":
+            sys.stdout.write(data)
+            sys.stdout.flush()
+        elif event == "stderr":
+            sys.stderr.write(data)
+            sys.stderr.flush()
+        elif event == "result":
+            return data
+    raise CallRefused("the event stream ended without a result")
+
+
 def build_parser() -> argparse.ArgumentParser:
     def add_globals(p, default):
         p.add_argument("--config", default=default(DEFAULT_CONFIG_PATH), help="config file (default ./config.toml)")
@@ -2989,6 +3157,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--public-key", help="PEM public key (default: [auth.jwt] of the config)")
     check.add_argument("--issuer", default=JwtSpec.issuer)
     check.add_argument("--audience", default=JwtSpec.audience)
+    call = command("call", cmd_call, "run a task on a server and exit with its exit code (the CI client)")
+    call.add_argument("task")
+    call.add_argument("--url", help="server URL (env RTASK_URL, default http://localhost:8800)")
+    data = call.add_mutually_exclusive_group()
+    data.add_argument("--data", help="request body")
+    data.add_argument("--data-file", metavar="PATH", help="request body from a file")
+    data.add_argument("-", dest="data_file", action="store_const", const="-", help="request body from stdin")
+    call.add_argument("--no-wait", action="store_true", help="async task: print the task id and exit")
+    call.add_argument("--follow", action="store_true", help="print output live while the task runs")
+    call.add_argument("--timeout", type=float, help="give up after S seconds (exit 124)")
     return parser
 
 
