@@ -1993,7 +1993,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         if "://" in target:  # absolute form: http://host/path
             target = "/" + target.split("://", 1)[1].partition("/")[2]
         path, _, query = target.partition("?")
-        self.path = unquote(path, errors="strict") if "%" in path else path
+        try:
+            self.path = unquote(path, errors="strict") if "%" in path else path
+        except UnicodeDecodeError:
+            raise Reject(400, "bad_request", "The request path is not valid UTF-8.") from None
         self.query = parse_qs(query) if query else {}
         self.body_pending = self._wants_body()
 
@@ -2006,6 +2009,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         chunked = (self.headers.get("transfer-encoding") or "").lower()
         if chunked and chunked != "chunked":
             raise Reject(400, "bad_request", "Only chunked transfer encoding is supported.", "invalid_content")
+        if len(set(self.headers.get_all("content-length"))) > 1 or (chunked and length is not None):
+            # Ambiguous framing is how requests are smuggled past a proxy: refuse it.
+            self.close_connection = True
+            raise Reject(400, "bad_request", "The body's length is given ambiguously.", "invalid_content")
         if length is not None and not chunked:
             if not length.isdigit():
                 raise Reject(400, "bad_request", "Content-Length is not a number.", "invalid_content")
@@ -2755,7 +2762,9 @@ def cmd_run(args) -> int:
         "api": f"{'https' if tls else 'http'}://{api[0]}:{server.server_address[1]}",
         "metrics": f"{metrics_address[0]}:{metrics_port}", "tasks": len(config.tasks), "keys": len(keys)}})
     while True:
-        wake.wait()
+        # A timeout, not a plain wait: a signal that the kernel delivers to another thread
+        # only runs its Python handler once the main thread executes again.
+        wake.wait(0.25)
         wake.clear()
         while signals:
             if signals.popleft() == signal.SIGHUP:
