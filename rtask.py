@@ -24,7 +24,6 @@ import collections
 import dataclasses
 import codecs
 import difflib
-import errno
 import fcntl
 import functools
 import gc
@@ -1030,10 +1029,11 @@ def _import_jwt():
     """PyJWT is an optional extra, imported only where JWTs are used."""
     try:
         import jwt
-        import jwt.algorithms  # noqa: F401  (fails without the crypto extra's cryptography)
-        from cryptography.hazmat.primitives import serialization  # noqa: F401
+        from jwt.algorithms import has_crypto
     except ImportError:
-        raise ConfigError("JWT support needs the optional extra: pip install 'PyJWT[crypto]'") from None
+        has_crypto = False
+    if not has_crypto:  # PyJWT without its crypto extra cannot verify RSA or EC signatures
+        raise ConfigError("JWT support needs the optional extra: pip install 'PyJWT[crypto]'")
     return jwt
 
 
