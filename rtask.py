@@ -1397,10 +1397,11 @@ class Run:
 
     def finish(self, status: str, exit_code: int):
         with self.changed:
-            if self.started_at is None:  # ended before a process started
-                self.started_at, self.started = time.time(), time.monotonic()
-            self.duration = time.monotonic() - self.started
-            self.finished_at = self.started_at + self.duration
+            if self.started_at is None:  # cancelled in the queue: it never started
+                self.finished_at = time.time()
+            else:
+                self.duration = time.monotonic() - self.started
+                self.finished_at = self.started_at + self.duration
             self.status, self.exit_code = status, exit_code
             self.done.set()
             self.changed.notify_all()
@@ -1528,16 +1529,19 @@ class Executor:
         self.call_soon(child)
 
     def cancel(self, run: Run) -> bool:
-        """Stop a running run's process group (TERM, then KILL); False if it had ended."""
+        """Stop a run's process group (TERM, then KILL); False if the run had ended. A run
+        already being stopped (by its timeout or an earlier cancel) keeps that outcome."""
         found = []
 
         def stop():
-            for child in self._children:
-                if child.run is run and child.killed_as is None and not child.exited:
+            try:
+                found.extend(c for c in self._children if c.run is run)
+                for child in found:
                     self._signal_group(child, "cancelled")
-                    found.append(child)
+            finally:
+                done.set()
         done = threading.Event()
-        self.call_soon(lambda: (stop(), done.set()))
+        self.call_soon(stop)
         done.wait()
         return bool(found)
 
@@ -1670,10 +1674,12 @@ class Executor:
             child.timers.append(self._after(PIPE_GRACE_SECONDS, lambda: self._end(child)))
 
     def _signal_group(self, child: _Child, why: str):
-        """SIGTERM the run's process group now and SIGKILL it after KILL_GRACE_SECONDS."""
-        if child.exited:
-            if why == "timeout":  # ended already; only pipe holders remain, which we ignore
-                self._end(child)
+        """SIGTERM the run's process group now and SIGKILL it after KILL_GRACE_SECONDS. The
+        first reason wins: a cancelled run does not turn into a timeout while it dies."""
+        if child.killed_as:
+            return
+        if child.exited and why == "timeout":  # ended already; only pipe holders remain, ignored
+            self._end(child)
             return
         child.killed_as = why
         pgid = child.proc.pid  # start_new_session: the child leads its own group
@@ -1681,6 +1687,8 @@ class Executor:
         # Not in child.timers: the KILL must still come after the run has ended, for the
         # grandchildren that ignored the TERM.
         self._after(KILL_GRACE_SECONDS, lambda: _killpg(pgid, signal.SIGKILL))
+        if child.exited:  # cancelled while daemons held its pipes: it ends now, they go too
+            self._end(child)
 
     def _close_stream(self, child: _Child, fd: int):
         self._selector.unregister(fd)
@@ -2314,9 +2322,12 @@ def get_result(h: RequestHandler, name: str, run_id: str):
     wait = h.query.get("wait")
     if wait:
         try:
-            seconds = min(max(float(wait[0]), 0.0), MAX_LONG_POLL_SECONDS)
+            seconds = float(wait[0])
+            if not math.isfinite(seconds):
+                raise ValueError
         except ValueError:
             raise Reject(400, "bad_request", "wait must be a number of seconds.") from None
+        seconds = min(max(seconds, 0.0), MAX_LONG_POLL_SECONDS)
         run.done.wait(seconds)
     h.send_json(200, run.to_json())
 
