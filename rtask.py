@@ -630,25 +630,19 @@ def _parse_jwt(where, base_dir, table, problems: Problems) -> JwtSpec | None:
         problems.errors.append(f"{where}: field 'allowedAlgorithms' has {bad_algs[0]!r}; "
                                f"allowed are {', '.join(JWT_ALGORITHMS)}")
     if method == "public_key":
-        key_path = os.environ.get("RTASK_JWT_PUBLIC_KEY_PATH") or fields.pop("public_key_path", None)
-        fields["public_key"] = os.environ.get("RTASK_JWT_PUBLIC_KEY") or fields.get("public_key")
-        if not fields["public_key"] and key_path:
-            full = os.path.join(base_dir, key_path)
-            try:
-                with open(full, encoding="utf-8") as f:
-                    fields["public_key"] = f.read()
-            except (OSError, UnicodeDecodeError) as e:
-                problems.errors.append(f"{where}: field 'publicKeyPath': cannot read {full}: "
-                                       f"{getattr(e, 'strerror', None) or 'not text'}")
-                return None
-        if not fields["public_key"]:
-            problems.errors.append(f"{where}: verificationMethod 'public_key' needs publicKeyPath or publicKey")
+        fields["public_key"] = _jwt_public_key(where, base_dir, fields, problems)
+        if fields["public_key"] is None:
             return None
     elif method == "jwks":
         fields.pop("public_key_path", None)
         url = fields.get("jwks_url")
         if not url:
             problems.errors.append(f"{where}: verificationMethod 'jwks' needs jwksUrl")
+            return None
+        try:
+            _import_jwt()
+        except ConfigError as e:
+            problems.errors.append(f"{where}: {e}")
             return None
         if url.startswith("http://") and not fields.get("jwks_allow_http"):
             problems.errors.append(f"{where}: field 'jwksUrl' must be https (set jwksAllowHttp = true only for a local identity provider)")
@@ -657,6 +651,43 @@ def _parse_jwt(where, base_dir, table, problems: Problems) -> JwtSpec | None:
         problems.errors.append(f"{where}: field 'verificationMethod' must be 'public_key' or 'jwks'")
         return None
     return JwtSpec(**fields)
+
+
+def _jwt_public_key(where, base_dir, fields, problems: Problems) -> str | None:
+    """The PEM text: env RTASK_JWT_PUBLIC_KEY, else env RTASK_JWT_PUBLIC_KEY_PATH, else
+    publicKey, else publicKeyPath (the environment overrides the file, as in Tasker). It is
+    parsed here so that check-config reports a bad key, as run would."""
+    inline, path = fields.get("public_key"), fields.pop("public_key_path", None)
+    if inline and path:
+        problems.errors.append(f"{where}: give either 'publicKey' or 'publicKeyPath', not both")
+        return None
+    source = "publicKey" if inline else "publicKeyPath"
+    if os.environ.get("RTASK_JWT_PUBLIC_KEY"):
+        inline, path, source = os.environ["RTASK_JWT_PUBLIC_KEY"], None, "env RTASK_JWT_PUBLIC_KEY"
+    elif os.environ.get("RTASK_JWT_PUBLIC_KEY_PATH"):
+        inline, path, source = None, os.environ["RTASK_JWT_PUBLIC_KEY_PATH"], "env RTASK_JWT_PUBLIC_KEY_PATH"
+    if path:
+        full = os.path.join(base_dir, path)
+        try:
+            with open(full, encoding="utf-8") as f:
+                inline = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            problems.errors.append(f"{where}: cannot read the public key {full}: {getattr(e, 'strerror', None) or 'not text'}")
+            return None
+    if not inline:
+        problems.errors.append(f"{where}: verificationMethod 'public_key' needs publicKeyPath or publicKey")
+        return None
+    try:
+        _import_jwt()
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+        load_pem_public_key(inline.encode())
+    except ConfigError as e:
+        problems.errors.append(f"{where}: {e}")
+        return None
+    except ValueError:
+        problems.errors.append(f"{where}: {source} is not a PEM public key")
+        return None
+    return inline
 
 
 def _warn_about_task(where, task: TaskSpec, problems: Problems):
@@ -1119,12 +1150,9 @@ class JwtVerifier:
         self.jwks = None
         if spec.verification_method == "jwks":
             self.jwks = JwksCache(spec, metrics)
-        else:
+        else:  # checked when the config was loaded
             from cryptography.hazmat.primitives.serialization import load_pem_public_key
-            try:
-                self._static_key = load_pem_public_key(spec.public_key.encode())
-            except ValueError:
-                raise ConfigError("[auth.jwt]: the public key is not a PEM public key") from None
+            self._static_key = load_pem_public_key(spec.public_key.encode())
 
     def verify(self, token: str) -> Caller:
         started = time.perf_counter()
@@ -2904,14 +2932,17 @@ def cmd_generate_keys(args) -> int:
     from cryptography.hazmat.primitives.asymmetric import rsa
     if args.key_size < 2048:
         raise ConfigError(f"--key-size {args.key_size} is too small; use 2048 or more")
+    private_path = os.path.join(args.output_dir, "jwt-private-key.pem")
+    public_path = os.path.join(args.output_dir, "jwt-public-key.pem")
+    for path in (private_path, public_path):
+        if os.path.exists(path):  # tokens signed with the old key would stop working
+            raise ConfigError(f"{path} already exists; move it away first or use another --output-dir")
     os.makedirs(args.output_dir, exist_ok=True)
     private = rsa.generate_private_key(public_exponent=65537, key_size=args.key_size)
     private_pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                         serialization.NoEncryption())
     public_pem = private.public_key().public_bytes(serialization.Encoding.PEM,
                                                    serialization.PublicFormat.SubjectPublicKeyInfo)
-    private_path = os.path.join(args.output_dir, "jwt-private-key.pem")
-    public_path = os.path.join(args.output_dir, "jwt-public-key.pem")
     write_file_atomically(private_path, private_pem, 0o600)
     write_file_atomically(public_path, public_pem, 0o644)
     print(f"wrote {private_path} (keep it secret) and {public_path}", file=sys.stderr)
@@ -3006,7 +3037,7 @@ class CallClient:
         if timeout is not None and timeout <= 0:
             raise TimeoutError
         cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
-        conn = cls(self.host, self.port, timeout=timeout if stream or timeout else 90)
+        conn = cls(self.host, self.port, timeout=timeout)  # None: as long as the task takes
         headers = dict(self.headers)
         if stream:
             headers["Accept"] = "text/event-stream"
@@ -3081,7 +3112,7 @@ def cmd_call(args) -> int:
         print(f"rtask call: refused: {e}", file=sys.stderr)
         return 2
     except TimeoutError:
-        print(f"rtask call: gave up after --timeout {args.timeout:g} s", file=sys.stderr)
+        print(f"rtask call: gave up after --timeout {args.timeout} s", file=sys.stderr)
         return 124
     return call_exit_code(result)
 
