@@ -1023,8 +1023,7 @@ class KeyRing:
             key_id, key = decode_api_key(token)
         except ValueError:
             raise unauthorized("invalid_key_encoding", "The API key is malformed.") from None
-        by_id = self._by_id
-        stored = by_id.get(key_id)
+        stored = self._by_id.get(key_id)
         if stored is None or len(key) != len(stored.hash):
             raise unauthorized("invalid_key", "The API key is not valid.")
         if not self._argon2_slots.acquire(timeout=ARGON2_SLOT_WAIT_SECONDS):
@@ -1038,10 +1037,12 @@ class KeyRing:
         if not hmac.compare_digest(digest, stored.hash):
             raise unauthorized("invalid_key", "The API key is not valid.")
         with self._lock:
-            if self._by_id is by_id:  # not reloaded meanwhile: the key may have been removed
-                self._cache[tag] = (stored.name, time.monotonic() + KEY_CACHE_TTL_SECONDS)
-                if len(self._cache) > KEY_CACHE_SIZE:
-                    self._cache.popitem(last=False)
+            # keys.toml may have been reloaded while Argon2 ran: the key must still be there.
+            if self._by_id.get(key_id) != stored:
+                raise unauthorized("invalid_key", "The API key is not valid.")
+            self._cache[tag] = (stored.name, time.monotonic() + KEY_CACHE_TTL_SECONDS)
+            if len(self._cache) > KEY_CACHE_SIZE:
+                self._cache.popitem(last=False)
         return stored.name
 
     def _cached(self, tag: bytes) -> str | None:
