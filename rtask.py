@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import contextlib
 import dataclasses
 import codecs
 import difflib
@@ -2579,12 +2580,17 @@ class Server(ThreadingHTTPServer):
 
 
 def _refuse_connection(sock):
-    """Answer 503 without blocking the accept loop: the short answer fits the socket buffer."""
+    """Answer 503 without blocking the accept loop: the short answer fits the socket buffer.
+    What the client already sent is read first, since closing a socket with unread data makes
+    the kernel reset the connection, which can destroy the answer in flight."""
     body = b'{"error": "unavailable", "message": "Too many connections; retry shortly."}'
     try:
         sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            sock.recv(65536)
         sock.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                     b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                  b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.shutdown(socket.SHUT_WR)
     except OSError:
         pass
     finally:
