@@ -124,6 +124,7 @@ PIPE_GRACE_SECONDS = 0.5  # after a normal exit, how long to wait for pipes held
 KILL_GRACE_SECONDS = 2.0  # SIGTERM → SIGKILL: time for a task to clean up before it is killed
 MAX_RUNS_IN_FLIGHT = 512  # server-wide bound on running processes, whatever the task limits
 MAX_RESULTS_KEPT = 1000  # per task: finished results kept for polling (oldest dropped first)
+MAX_SECONDS = 365 * 86400  # the largest duration a config may give (one year)
 MAX_LONG_POLL_SECONDS = 60.0  # GET ...?wait=S waits at most this long
 SSE_HEARTBEAT_SECONDS = 15.0  # a comment line on a quiet event stream finds closed readers
 
@@ -251,12 +252,16 @@ def _bool(value):
 
 
 def _number(value, *, positive=False):
+    """A non-negative number of seconds or requests per second; at most MAX_SECONDS, since a
+    larger wait overflows the clocks and timers underneath."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise _Invalid("must be a number")
     if positive and value <= 0:
         raise _Invalid("must be greater than 0")
     if value < 0:
         raise _Invalid("must not be negative")
+    if value > MAX_SECONDS:
+        raise _Invalid(f"must be at most {MAX_SECONDS}")
     return float(value)
 
 
@@ -1290,7 +1295,7 @@ class RateLimiter:
 
     def __init__(self, rate: float):
         self.rate = rate
-        self.retry_after = str(math.ceil(1 / rate)) if rate > 0 else "1"
+        self.retry_after = str(math.ceil(min(1 / rate, MAX_SECONDS))) if rate > 0 else "1"
         self._tokens = 1.0
         self._last = time.monotonic()
         self._lock = threading.Lock()
@@ -1589,7 +1594,7 @@ class Executor:
         while True:
             timeout = None
             if self._timers:
-                timeout = max(0.0, self._timers[0][0] - time.monotonic())
+                timeout = min(max(0.0, self._timers[0][0] - time.monotonic()), 3600.0)
             registered = self._selector.get_map()
             for key, mask in self._selector.select(timeout):
                 # An earlier callback of this batch may have closed this fd (and a new child
@@ -2703,6 +2708,11 @@ def start_metrics_server(host: str, port: int, metrics: Metrics, cert=None, key=
     from prometheus_client import REGISTRY, start_http_server
     REGISTRY.register(metrics)
     httpd, _ = start_http_server(port, addr=host, certfile=cert, keyfile=key)
+    if cert:
+        # The library wraps the listening socket, so each handshake would run in its single
+        # accept loop, where one silent client stalls every scrape. Deferred, the handshake
+        # happens in the connection's own thread on its first read.
+        httpd.socket.do_handshake_on_connect = False
     return httpd.server_address[1]
 
 
@@ -2747,7 +2757,8 @@ def setup_logging(log_format: str):
     # lookup per record; rtask's lines do not show them, and they cost ~20% of a request.
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    level_name = (os.environ.get("RTASK_LOG") or os.environ.get("GO_LOG") or "info").lower()
+    source = "RTASK_LOG" if os.environ.get("RTASK_LOG") else "GO_LOG"
+    level_name = (os.environ.get(source) or "info").lower()
     levels = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
               "warn": logging.WARNING, "error": logging.ERROR}
     handler = logging.StreamHandler(sys.stderr)
@@ -2756,7 +2767,7 @@ def setup_logging(log_format: str):
     log.propagate = False
     log.setLevel(levels.get(level_name, logging.INFO))
     if level_name not in levels:
-        log.warning(f"unknown log level {level_name!r} in RTASK_LOG; using info")
+        log.warning(f"unknown log level {level_name!r} in {source}; using info")
 
 
 # =============================================================================================
@@ -3144,11 +3155,11 @@ def wait_for_result(client: CallClient, path: str) -> dict:
     started = time.monotonic()
     show = sys.stderr.isatty()
     while True:
-        step = 1 if show else 30
+        step = 1.0 if show else 30.0
         remaining = client.remaining()
         if remaining is not None:
-            step = max(0, min(step, int(remaining)))
-        result = client.json("GET", f"{path}?wait={step}")
+            step = min(step, max(remaining, 0.1))
+        result = client.json("GET", f"{path}?wait={step:.3f}")
         if result.get("status") not in ("running", "queued"):
             if show:
                 sys.stderr.write("\r\033[K")
@@ -3236,6 +3247,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.log_format not in ("text", "json"):
+        print(f"rtask: LOG_FORMAT {args.log_format!r} must be text or json", file=sys.stderr)
+        return 1
     setup_logging(args.log_format)
     try:
         return args.func(args)
