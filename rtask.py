@@ -229,10 +229,18 @@ class Config:
     def key_grants(self, key_name: str) -> frozenset[str]:
         """The permissions an rtask key holds: run/read/list/cancel on every task that names
         it in apiKeyNames, plus what [auth.keyPermissions] adds."""
-        grants = {f"tasks:{action}:{task.name}" for task in self.tasks.values()
-                  if key_name in task.api_key_names for action in TASK_ACTIONS}
-        grants.update(dict(self.auth.key_permissions).get(key_name, ()))
-        return frozenset(grants)
+        return self._grants_by_key.get(key_name, frozenset())
+
+    @functools.cached_property
+    def _grants_by_key(self) -> dict[str, frozenset[str]]:
+        """Built once per config, not per request (it walks every task)."""
+        grants = collections.defaultdict(set)
+        for task in self.tasks.values():
+            for name in task.api_key_names:
+                grants[name].update(f"tasks:{action}:{task.name}" for action in TASK_ACTIONS)
+        for name, permissions in self.auth.key_permissions:
+            grants[name].update(permissions)
+        return {name: frozenset(held) for name, held in grants.items()}
 
     def webhook_index(self) -> dict[bytes, tuple[TaskSpec, str]]:
         """sha256(secret) → (task, webhook name). Looking a secret up by its digest keeps the
@@ -550,7 +558,7 @@ def _permission_list(value):
     return names
 
 
-def _https_url(value):
+def _http_url(value):
     url = _string(value)
     if not re.match(r"https?://[^/]", url):
         raise _Invalid("must be an http(s) URL")
@@ -574,7 +582,7 @@ _JWT_OPTIONS = {
     "permissionsClaim": ("permissions_claim", _string),
     "leewaySeconds": ("leeway_seconds", _number),
     "allowedAlgorithms": ("allowed_algorithms", lambda v: _string_list(v, non_empty=True)),
-    "jwksUrl": ("jwks_url", _https_url),
+    "jwksUrl": ("jwks_url", _http_url),
     "jwksRefreshIntervalSeconds": ("jwks_refresh_interval_seconds", lambda v: _number(v, positive=True)),
     "jwksMaxStaleSeconds": ("jwks_max_stale_seconds", _number),
     "jwksAllowHttp": ("jwks_allow_http", _bool),
@@ -1541,7 +1549,8 @@ class Executor:
         task = run.task
         pipes = []
         try:
-            pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(2 if task.merge_stderr else 3)]
+            for _ in range(2 if task.merge_stderr else 3):  # a loop: on EMFILE, close what was made
+                pipes.append(os.pipe2(os.O_CLOEXEC))
             stdin, stdout = pipes[0], pipes[1]
             stderr = pipes[1] if task.merge_stderr else pipes[2]
             process = spawn(task, env, stdin[0], stdout[1], stderr[1])
@@ -2000,6 +2009,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.server.watchdog.disarm(self.connection)  # read_body arms it again for the body
         try:
             route(self)
+        except (ConnectionError, TimeoutError):
+            raise  # the client went away (e.g. closed its event stream): not our error
         except Exception:
             log.exception("internal error", extra={"fields": {"method": self.command}})
             self.send_json(500, {"error": "internal", "message": "Internal server error."}, close=True)
