@@ -699,7 +699,8 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__main__":
+def run_main(main):
+    """Run a benchmark's main(): a BenchError is one line on stderr and exit 1."""
     try:
         sys.exit(main())
     except BenchError as e:
@@ -708,3 +709,7 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         log("bench: interrupted")
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -35,7 +35,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 # Shared helpers of the main benchmark (same directory; its main() only runs as a script).
-from bench import (HOST, START_TIMEOUT, BenchError, Server, add_key, fmt, http_call,  # noqa: E402
+from bench import (HOST, START_TIMEOUT, BenchError, Server, add_key, fmt, http_call, run_main,  # noqa: E402
                    log, percentile, rtask_cmd, scan_log, tail)
 
 LINES_TASK = "lines"
@@ -520,11 +520,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        log(f"bench: {e}")
-        sys.exit(1)
-    except KeyboardInterrupt:
-        log("bench: interrupted")
-        sys.exit(130)
+    run_main(main)
