@@ -60,8 +60,7 @@ DEFAULT_KEYS_PATH = "./keys.toml"
 DEFAULT_API_ADDRESS = "localhost:8800"
 DEFAULT_METRICS_ADDRESS = "localhost:9090"
 
-TASK_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
-KEY_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")  # task names and key names
 TASK_ID_RE = re.compile(r"[a-z2-7]{16}")
 
 # Permissions (SPEC §9): a task-scoped permission is "tasks:<action>" or "tasks:<action>:<task>".
@@ -75,7 +74,7 @@ def is_known_permission(permission: str) -> bool:
     if permission in WILDCARDS or permission in SYSTEM_PERMISSIONS:
         return True
     return (parts[0] == "tasks" and len(parts) in (2, 3) and parts[1] in TASK_ACTIONS
-            and (len(parts) == 2 or bool(TASK_NAME_RE.fullmatch(parts[2]))))
+            and (len(parts) == 2 or bool(NAME_RE.fullmatch(parts[2]))))
 
 
 def holds_permission(grants: frozenset[str], needed: str) -> bool:
@@ -301,6 +300,13 @@ def _string_list(value, *, non_empty=False):
     return tuple(value)
 
 
+def _names(names):
+    bad = [n for n in names if not NAME_RE.fullmatch(n)]
+    if bad:
+        raise _Invalid(f"has {bad[0]!r}; key names use only letters, digits, '_', '.', '-'")
+    return names
+
+
 def _string_table(value):
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
         raise _Invalid("must be a table of strings")
@@ -344,7 +350,7 @@ def _number_any(value):
 _TASK_OPTIONS = {
     "command": ("command", lambda v: _string_list(v, non_empty=True)),
     "workdir": ("workdir", _string),
-    "apiKeyNames": ("api_key_names", _string_list),
+    "apiKeyNames": ("api_key_names", lambda v: _names(_string_list(v))),
     "webhookSecrets": (None, _string_table),
     "webhookSecretFiles": (None, _string_table),
     "environment": ("environment", _environment),
@@ -422,7 +428,7 @@ def load_config(path: str, problems: Problems) -> Config:
 
 def _parse_task(path, base_dir, name, table, problems: Problems) -> TaskSpec | None:
     where = f"{path}: task {name!r}"
-    if not TASK_NAME_RE.fullmatch(name):
+    if not NAME_RE.fullmatch(name):
         problems.errors.append(f"{where}: the name may only use letters, digits, '_', '.', '-'")
         return None
     if not isinstance(table, dict):
@@ -730,9 +736,9 @@ def _digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()
 
 
-def warn_about_unknown_key_names(config: Config, key_names, keys_path, problems: Problems):
-    """A key named by a task but not in keys.toml yet: a warning, since a fresh install
-    configures tasks first and adds keys after."""
+def warn_about_key_names(config: Config, key_names, keys_path, problems: Problems):
+    """A key named by a task but not in keys.toml yet is a warning, since a fresh install
+    configures tasks first and adds keys after; so is a key granted '*'."""
     for task in config.tasks.values():
         for name in task.api_key_names:
             if name not in key_names:
@@ -881,7 +887,10 @@ def write_file_atomically(path: str, data: bytes, mode: int):
     """Replace ``path``: temp file in the same directory (created 0600, then ``mode``), fsync,
     rename, fsync the directory. A crash leaves either the old file or the new one."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {e.strerror}") from None
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
@@ -889,6 +898,9 @@ def write_file_atomically(path: str, data: bytes, mode: int):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full or read-only disk: the old file is untouched
+        os.unlink(tmp)
+        raise ConfigError(f"cannot write {path}: {e.strerror}") from None
     except BaseException:
         os.unlink(tmp)
         raise
@@ -921,7 +933,7 @@ class KeyFileLock:
 
 def add_key(keys_path: str, name: str) -> str:
     """Create key ``name`` with the lowest free id; return the token to show once."""
-    if not KEY_NAME_RE.fullmatch(name):
+    if not NAME_RE.fullmatch(name):
         raise ConfigError(f"key name {name!r} may only use letters, digits, '_', '.', '-'")
     with KeyFileLock(keys_path):
         keys = parse_key_file(keys_path)
@@ -1374,6 +1386,17 @@ class ConcurrencyLimit:
             on_grant = self._waiting.popleft()
         on_grant()
 
+    def set_limits(self, limit: int, queue_size: int):
+        """New limits (reload); a raised limit admits waiting requests at once."""
+        with self._lock:
+            self.limit, self.queue_size = limit, queue_size
+            admitted = []
+            while self._waiting and (not limit or self.running < limit):
+                admitted.append(self._waiting.popleft())
+                self.running += 1
+        for on_grant in admitted:
+            on_grant()
+
 
 # =============================================================================================
 # Execution (process groups, output capture, timeouts)
@@ -1439,6 +1462,8 @@ class Run:
             self.changed.notify_all()
 
     def finish(self, status: str, exit_code: int):
+        """Record the outcome. Waiters are woken by ``publish``, after the slot is given back,
+        so that a caller who gets the answer and calls again finds the slot free."""
         with self.changed:
             if self.started_at is None:  # cancelled in the queue: it never started
                 self.finished_at = time.time()
@@ -1446,6 +1471,9 @@ class Run:
                 self.duration = time.monotonic() - self.started
                 self.finished_at = self.started_at + self.duration
             self.status, self.exit_code = status, exit_code
+
+    def publish(self):
+        with self.changed:
             self.done.set()
             self.changed.notify_all()
 
@@ -1532,6 +1560,7 @@ class Executor:
     def __init__(self):
         self._selector = selectors.DefaultSelector()
         self._timers: list = []  # heap of [when, seq, callback or None when cancelled]
+        self._cancelled = 0  # cancelled entries still in the heap
         self._seq = itertools.count()
         self._incoming: collections.deque = collections.deque()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -1589,6 +1618,13 @@ class Executor:
         done.wait()
         return bool(found)
 
+    def stop_all(self):
+        """Stop every running run's process group (TERM, then KILL), as a cancel would."""
+        def stop():
+            for child in list(self._children):
+                self._signal_group(child, "cancelled")
+        self.call_soon(stop)
+
     def call_soon(self, item):
         """Hand a new child or a function to the reactor thread (the selector is its alone)."""
         self._incoming.append(item)
@@ -1613,7 +1649,9 @@ class Executor:
             now = time.monotonic()
             while self._timers and self._timers[0][0] <= now:
                 callback = heapq.heappop(self._timers)[2]
-                if callback is not None:
+                if callback is None:
+                    self._cancelled -= 1
+                else:
                     self._guarded(callback)
 
     @staticmethod
@@ -1631,9 +1669,15 @@ class Executor:
         heapq.heappush(self._timers, handle)
         return handle
 
-    @staticmethod
-    def _cancel(handle: list):
+    def _cancel(self, handle: list):
         handle[2] = None
+        self._cancelled += 1
+        if self._cancelled > 1024 and 2 * self._cancelled > len(self._timers):
+            # Most entries are dead (a run's timeout outlives the run): rebuild the heap, so
+            # its size follows the running runs, not request rate × timeout.
+            self._timers = [t for t in self._timers if t[2] is not None]
+            heapq.heapify(self._timers)
+            self._cancelled = 0
 
     def _drain_wakeups(self, fd, mask):
         try:
@@ -1765,6 +1809,7 @@ class Executor:
         with self._count_lock:
             self.running -= 1
         child.on_end(child.run)
+        child.run.publish()
 
     def _end_unstarted(self, run: Run, error: Exception, on_end):
         reason = getattr(error, "strerror", None) or str(error)
@@ -1774,7 +1819,9 @@ class Executor:
             message += f" ({target})"
         run.add_output(run.stderr, message.encode())
         run.finish("failure", -2)
-        on_end(run)
+        # On the reactor, later: a failed start of a queued run hands its slot to the next in
+        # line, which may fail too; done inline, a long line of them would recurse.
+        self.call_soon(lambda: (on_end(run), run.publish()))
 
 
 def _killpg(pgid: int, sig):
@@ -1869,8 +1916,8 @@ class TaskState:
         """Take a reloaded spec; kept runs, running executions and held slots stay."""
         if task.rate_limit != self.task.rate_limit:
             self.rate = RateLimiter(task.rate_limit)
-        self.slots.limit, self.slots.queue_size = task.max_concurrent, task.queue_size
-        self.runs.retention = task.retention_seconds
+        self.slots.set_limits(task.max_concurrent, task.queue_size)
+        self.runs.retention = task.retention_seconds  # applies to runs that end from now on
         self.task = task
         return self
 
@@ -1928,11 +1975,12 @@ class App:
         run.launch = None
         run.finish("cancelled", -1)
         self._record_end(state, run)
+        run.publish()
         return True
 
     def _run_ended(self, state: TaskState, run: Run):
-        state.slots.release()
         self._record_end(state, run)
+        state.slots.release()  # may start the next run in line
 
     def _record_end(self, state: TaskState, run: Run):
         state.runs.finished(run)
@@ -2007,6 +2055,10 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.send_json(r.status, {"error": r.code, "message": r.message}, close=True)
             return
         self.server.watchdog.disarm(self.connection)  # read_body arms it again for the body
+        if self.app.draining and not self.path.startswith("/health"):
+            self.send_json(503, {"error": "unavailable", "message": "The server is shutting down."},
+                           headers=[("Retry-After", "1")], close=True)
+            return
         try:
             route(self)
         except (ConnectionError, TimeoutError):
@@ -2048,6 +2100,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         if "://" in target:  # absolute form: http://host/path
             target = "/" + target.split("://", 1)[1].partition("/")[2]
         path, _, query = target.partition("?")
+        if not path.startswith("/"):  # "*" (OPTIONS), "host:port" (CONNECT) or garbage
+            raise Reject(400, "bad_request", "The request target must be a path.")
         try:
             self.path = unquote(path, errors="strict") if "%" in path else path
         except UnicodeDecodeError:
@@ -2069,7 +2123,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise Reject(400, "bad_request", "The body's length is given ambiguously.", "invalid_content")
         if length is not None and not chunked:
-            if not length.isdigit():
+            if not _is_decimal(length):
                 raise Reject(400, "bad_request", "Content-Length is not a number.", "invalid_content")
             if int(length) > limit:
                 raise Reject(413, "payload_too_large", f"The body is larger than {limit} bytes.", "input_too_large")
@@ -2094,10 +2148,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         body = bytearray()
         try:
             while True:
-                size_line = self.rfile.readline(1024)
-                size = int(size_line.split(b";", 1)[0].strip(), 16)
-                if size < 0:
-                    raise ValueError
+                size_field = self.rfile.readline(1024).split(b";", 1)[0].rstrip(b"\r\n")
+                if not re.fullmatch(rb"[0-9A-Fa-f]{1,16}[ \t]*", size_field):
+                    raise ValueError  # int(..., 16) would also take "0x5", "+5", "5_0"
+                size = int(size_field, 16)
                 if size == 0:
                     break
                 if len(body) + size > limit:
@@ -2122,7 +2176,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.body_pending = False
         length = self.headers.get("content-length") or ""
         expect = (self.headers.get("expect") or "").lower() == "100-continue"
-        if length.isdigit() and int(length) <= DISCARD_BODY_LIMIT and not expect \
+        if _is_decimal(length) and int(length) <= DISCARD_BODY_LIMIT and not expect \
                 and not self.headers.get("transfer-encoding"):
             self.server.watchdog.arm(self.connection, REQUEST_READ_TIMEOUT)
             try:
@@ -2161,6 +2215,11 @@ class RequestHandler(BaseHTTPRequestHandler):
         log.debug(format % args)
 
 
+def _is_decimal(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts "²", which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def _reason_phrase(status: int) -> str:
     return BaseHTTPRequestHandler.responses.get(status, ("",))[0]
 
@@ -2182,8 +2241,11 @@ def route(h: RequestHandler):
     """Dispatch by path, then method; a known path with a wrong method is 405 with Allow.
     Starred path segments are passed to the handler as arguments."""
     parts = h.path.split("/")[1:]
-    if parts[0] == "wh" and len(parts) == 2 and h.command != "POST":
-        send_not_found(h)  # any other method: 404, so that no answer confirms a secret
+    if parts[0] == "wh" and len(parts) >= 2:  # everything after /wh/ is the secret, "/" included
+        if h.command == "POST":
+            post_webhook(h, h.path[len("/wh/"):])
+        else:
+            send_not_found(h)  # any other method: 404, so that no answer confirms a secret
         return
     shape = _route_shape(parts)
     allowed = ROUTES.get(shape)
@@ -2207,7 +2269,7 @@ def _route_shape(parts: list[str]) -> str:
     """The path with its variable segments starred: /tasks/deploy/abc → /tasks/*/*."""
     if parts[0] == "tasks" and len(parts) == 4 and parts[3] == "events":
         return "/tasks/*/*/events"
-    if parts[0] == "tasks" and len(parts) <= 3 or parts[0] in ("wh", "hooks") and len(parts) == 2:
+    if parts[0] == "tasks" and len(parts) <= 3 or parts[0] == "hooks" and len(parts) == 2:
         return "/" + parts[0] + "/*" * (len(parts) - 1)
     return "/" + "/".join(parts)
 
@@ -2474,7 +2536,6 @@ def get_config(h: RequestHandler):
 
 
 ROUTES = {
-    "/wh/*": {"POST": post_webhook},
     "/hooks/*": {"POST": post_signed_hook},
     "/tasks": {"GET": list_tasks},
     "/tasks/*": {"POST": post_task, "GET": list_runs},
@@ -2641,6 +2702,7 @@ class Metrics:
         self.rejections = Counter("task_rejection_total", "Requests refused before running, by reason.",
                                   ["handler", "reason"])
         self.queue_length = Gauge("task_queue_length", "Requests waiting for a concurrency slot.", ["handler"])
+        self._queue_gauges: set[str] = set()
         self.auth_requests = Counter("auth_requests_total", "Credential checks.", ["method", "result"])
         self.auth_failures = Counter("auth_failures_total", "Failed credential checks, by reason.", ["reason"])
         self.permission_denials = Counter("permission_denials_total", "Valid credentials lacking a permission.",
@@ -2683,6 +2745,9 @@ class Metrics:
         with self._lock:
             self._series = {k: v for k, v in self._series.items() if buckets.get(k[0]) == self._buckets.get(k[0])}
             self._buckets = buckets
+        for name in set(self._queue_gauges) - set(states):
+            self.queue_length.remove(name)
+        self._queue_gauges = set(states)
         for name, state in states.items():
             self.queue_length.labels(name).set_function(lambda s=state: s.slots.queued)
 
@@ -2700,13 +2765,6 @@ class Metrics:
 
     def describe(self):
         return []
-
-
-class NullMetrics:
-    """Stands in for Metrics where nothing is served (validate-token)."""
-
-    def __getattr__(self, name):
-        return lambda *args: None
 
 
 def _le(bound: float) -> str:
@@ -2802,7 +2860,7 @@ def load_everything(args) -> tuple[Config, dict[str, StoredKey], Problems]:
     except ConfigError as e:
         problems.errors.append(str(e))
         keys = {}
-    warn_about_unknown_key_names(config, set(keys), args.api_keys_file, problems)
+    warn_about_key_names(config, set(keys), args.api_keys_file, problems)
     return config, keys, problems
 
 
@@ -2816,11 +2874,9 @@ def cmd_run(args) -> int:
     tls = tls_context(args.tls_cert, args.tls_key)
     metrics = Metrics()
     app = App(config, KeyRing(args.api_keys_file, keys), metrics)
-    try:
-        server = make_server(api, app, tls)
-        metrics_port = start_metrics_server(*metrics_address, metrics, args.tls_cert, args.tls_key)
-    except OSError as e:
-        raise ConfigError(f"cannot listen on {e.filename or args.api_address}: {e.strerror}") from None
+    server = listen(args.api_address, lambda: make_server(api, app, tls))
+    metrics_port = listen(args.metrics_address,
+                          lambda: start_metrics_server(*metrics_address, metrics, args.tls_cert, args.tls_key))
     signals: collections.deque = collections.deque()
     wake = threading.Event()
 
@@ -2846,6 +2902,13 @@ def cmd_run(args) -> int:
             else:
                 drain(server, app)
                 return 0
+
+
+def listen(address: str, start):
+    try:
+        return start()
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {address}: {e.strerror}") from None
 
 
 def tls_context(cert: str | None, key: str | None):
@@ -2883,15 +2946,26 @@ def reload_files(args, app: App):
 
 
 def drain(server: Server, app: App):
-    """Stop accepting, let running executions finish (each within its timeout), answer them."""
+    """Stop accepting (new requests on open connections get 503), cancel async runs still
+    waiting for a slot, let running executions finish within their timeouts and answer them.
+    Whatever still runs at the deadline is stopped, so that no process outlives the server."""
     log.info("shutting down: finishing running tasks")
     app.draining = True
     server.shutdown()
     server.server_close()
-    longest = max((t.timeout_seconds for t in app.config.tasks.values()), default=0)
-    deadline = time.monotonic() + longest + KILL_GRACE_SECONDS + 5
+    for state in app.tasks.values():
+        for run in state.runs.newest_first():
+            app.cancel_queued(state, run)
+    longest = max((t.timeout_seconds + t.queue_timeout_seconds for t in app.config.tasks.values()), default=0)
+    deadline = time.monotonic() + longest + KILL_GRACE_SECONDS + 1
     while app.busy() and time.monotonic() < deadline:
         time.sleep(0.05)
+    if app.executor.running:
+        log.warning("stopping the runs still going at the drain deadline")
+        app.executor.stop_all()
+        deadline = time.monotonic() + KILL_GRACE_SECONDS + 1
+        while app.executor.running and time.monotonic() < deadline:
+            time.sleep(0.05)
     log.info("stopped")
 
 
@@ -2966,7 +3040,10 @@ def cmd_generate_keys(args) -> int:
     for path in (private_path, public_path):
         if os.path.exists(path):  # tokens signed with the old key would stop working
             raise ConfigError(f"{path} already exists; move it away first or use another --output-dir")
-    os.makedirs(args.output_dir, exist_ok=True)
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create {args.output_dir}: {e.strerror}") from None
     private = rsa.generate_private_key(public_exponent=65537, key_size=args.key_size)
     private_pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                         serialization.NoEncryption())
@@ -3005,11 +3082,11 @@ def cmd_validate_token(args) -> int:
     """Check a token against a public key (or [auth.jwt] of the config) and show its claims."""
     jwt = _import_jwt()
     if args.public_key:
-        try:
-            with open(args.public_key, encoding="utf-8") as f:
-                spec = JwtSpec(public_key=f.read(), issuer=args.issuer, audience=args.audience)
-        except OSError as e:
-            raise ConfigError(f"{args.public_key}: cannot read the public key: {e.strerror}") from None
+        problems = Problems()
+        pem = _jwt_public_key(f"--public-key {args.public_key}", os.getcwd(),
+                              {"public_key_path": args.public_key}, problems)
+        problems.raise_if_errors()
+        spec = JwtSpec(public_key=pem, issuer=args.issuer, audience=args.audience)
     else:
         problems = Problems()
         config = load_config(args.config, problems)
@@ -3019,7 +3096,7 @@ def cmd_validate_token(args) -> int:
         spec = config.auth.jwt
     lenient = AuthSpec(strict_validation=False, log_unknown_permissions=False)
     try:
-        caller = JwtVerifier(spec, lenient, NullMetrics()).verify(args.token)
+        caller = JwtVerifier(spec, lenient, Metrics()).verify(args.token)
     except Reject as r:
         print(f"invalid: {r.message}", file=sys.stderr)
         return 1
@@ -3266,6 +3343,9 @@ def main(argv=None) -> int:
         return args.func(args)
     except ConfigError as e:
         print(f"rtask: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a file or directory the user named cannot be used
+        print(f"rtask: {e.filename or 'error'}: {e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -6325,3 +6325,168 @@ apiKeyNames = ["ci"]
     assert not marker.exists(), "the task ran although its body never arrived"
     wait_for(lambda: server.metric("task_rejection_total", handler="slow", reason="invalid_content") == 1,
              timeout=5)
+
+
+# =============================================================================================
+# Edge cases found in review: protocol corners, shutdown, queues that cannot start
+# =============================================================================================
+
+
+def _rv_status(raw: bytes) -> int:
+    return int(raw.split(b" ", 2)[1]) if raw.startswith(b"HTTP/1.1 ") else -1
+
+
+def _rv_task_processes(tag: str) -> list[int]:
+    """PIDs whose command line contains ``tag`` (a string unique to one test)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if tag.encode() in (entry / "cmdline").read_bytes() and pid_alive(int(entry.name)):
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.mark.parametrize("line", [b"GET abc HTTP/1.1", b"OPTIONS * HTTP/1.1", b"CONNECT example.com:443 HTTP/1.1"])
+def test_request_target_that_is_not_a_path_is_400_json(start_server, line):
+    server, _ = start_server('[tasks.t]\ncommand = ["true"]\napiKeyNames = ["ci"]\n')
+    answer = server.raw(line + b"\r\nHost: x\r\n\r\n")
+    assert _rv_status(answer) == 400, answer
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"] == "bad_request"
+    assert "Traceback" not in server.log()
+
+
+def test_content_length_with_a_non_ascii_digit_is_refused_not_crashed_on(start_server):
+    server, keys = start_server('[tasks.t]\ncommand = ["true"]\napiKeyNames = ["ci"]\n')
+    # A body-less route answers and drops the connection (the unreadable body cannot be skipped).
+    answer = server.raw(b"GET /health HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n")
+    assert _rv_status(answer) == 200 and b"Connection: close" in answer, answer
+    answer = server.raw(f"POST /tasks/t HTTP/1.1\r\nAuthorization: Bearer {keys['ci']}\r\n".encode()
+                        + b"Content-Length: \xb2\r\n\r\n")
+    assert _rv_status(answer) == 400, answer
+    assert "Traceback" not in server.log()
+
+
+def test_chunk_size_must_be_plain_hex(start_server, tmp_path):
+    marker = tmp_path / "ran"
+    server, keys = start_server(f'[tasks.t]\ncommand = ["touch", "{marker}"]\napiKeyNames = ["ci"]\n')
+    head = (f"POST /tasks/t HTTP/1.1\r\nAuthorization: Bearer {keys['ci']}\r\n"
+            "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode()
+    answer = server.raw(head + b"0x5\r\nhello\r\n0\r\n\r\n")
+    assert _rv_status(answer) == 400, answer
+    assert not marker.exists()
+
+
+def test_webhook_secret_with_a_slash_opens_its_url(start_server):
+    server, _ = start_server('[tasks.t]\ncommand = ["echo", "hooked"]\nwebhookSecrets.ci = "abc/def+ghi="\n', keys=())
+    for path in ("/wh/abc/def+ghi=", "/wh/abc%2Fdef+ghi="):
+        r = server.request("POST", path)
+        assert r.status == 200 and r.json["stdout"] == "hooked\n", (path, r)
+    assert server.request("POST", "/wh/abc").status == 404
+    assert "def+ghi" not in server.log()
+
+
+def test_retry_after_is_the_ceiling_of_one_over_the_rate(start_server):
+    server, keys = start_server('[tasks.t]\ncommand = ["true"]\napiKeyNames = ["ci"]\nrateLimit = 0.3\n')
+    assert server.post("t", key=keys["ci"]).status == 200
+    refused = server.post("t", key=keys["ci"])
+    assert refused.status == 429 and refused.headers["Retry-After"] == "4", refused
+
+
+def test_drain_refuses_new_requests_on_open_connections(start_server, tmp_path):
+    marker = tmp_path / "late"
+    server, keys = start_server(f'''
+        [tasks.slow]
+        command = ["sleep", "1.5"]
+        apiKeyNames = ["ci"]
+        [tasks.late]
+        command = ["touch", "{marker}"]
+        apiKeyNames = ["ci"]
+        ''')
+    idle = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    idle.request("GET", "/health")
+    assert idle.getresponse().read()
+    in_flight = []
+    thread = threading.Thread(target=lambda: in_flight.append(server.post("slow", key=keys["ci"])))
+    thread.start()
+    time.sleep(0.3)
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    idle.request("POST", "/tasks/late", headers={"Authorization": f"Bearer {keys['ci']}"})
+    refused = idle.getresponse()
+    assert refused.status == 503 and json.loads(refused.read())["error"] == "unavailable"
+    thread.join(10)
+    assert in_flight and in_flight[0].status == 200 and in_flight[0].json["status"] == "success"
+    assert server.proc.wait(10) == 0
+    assert not marker.exists()
+
+
+def test_drain_cancels_queued_async_runs_and_leaves_no_process(start_server, tmp_path):
+    tag = f"rtask-drain-{secrets.token_hex(4)}"
+    server, keys = start_server(f'''
+        [tasks.q]
+        command = ["sh", "-c", "sleep 1; touch {tmp_path}/ran-$RTASK_TASK_ID", "{tag}"]
+        apiKeyNames = ["ci"]
+        async = true
+        maxConcurrentTasks = 1
+        queueSize = 3
+        ''')
+    ids = [server.post("q", key=keys["ci"]).json for _ in range(3)]
+    assert [i["status"] for i in ids] == ["running", "queued", "queued"], ids
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(10) == 0
+    assert sorted(p.name for p in tmp_path.glob("ran-*")) == [f"ran-{ids[0]['task_id']}"]
+    assert _rv_task_processes(tag) == []
+    assert server.log().count("status=cancelled") == 2
+
+
+def test_a_queue_of_runs_that_cannot_start_all_end_and_free_the_slot(start_server, tmp_path):
+    workdir = tmp_path / "wd"
+    workdir.mkdir()
+    server, keys = start_server(f'''
+        [tasks.q]
+        command = ["sh", "-c", "sleep 0.5"]
+        workdir = "{workdir}"
+        apiKeyNames = ["ci"]
+        async = true
+        maxConcurrentTasks = 1
+        queueSize = 300
+        ''')
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    ids = []
+    for _ in range(200):
+        conn.request("POST", "/tasks/q", headers={"Authorization": f"Bearer {keys['ci']}"})
+        ids.append(json.loads(conn.getresponse().read())["task_id"])
+    workdir.rmdir()  # the first run still has it as its cwd; every queued one fails to start
+    detail = wait_for(lambda: (d := server.get("/health/detailed").json["tasks"]["q"])["running"] == 0
+                      and d["queued"] == 0 and d, timeout=20)
+    assert detail["results_kept"] == 200
+    statuses = [server.get(f"/tasks/q/{i}", key=keys["ci"]).json for i in ids]
+    assert sum(s["exit_code"] == -2 for s in statuses) >= 150, statuses[-1]
+    assert "RecursionError" not in server.log() and "Traceback" not in server.log()
+    workdir.mkdir()
+    again = server.post("q", key=keys["ci"]).json
+    assert again["status"] == "running", again
+
+
+def test_cli_user_mistakes_with_key_files_give_no_traceback(tmp_path):
+    (tmp_path / "not-pem").write_text("hello\n")
+    checks = [("validate-token", "--token", "a.b.c", "--public-key", "not-pem"),
+              ("generate-keys", "--output-dir", "/proc/rtask-cannot-exist")]
+    for args in checks:
+        out = rtask_cli(*args, cwd=tmp_path)
+        assert out.returncode == 1 and out.stderr.startswith("rtask: "), (args, out.stderr)
+        assert "Traceback" not in out.stderr, out.stderr
+
+
+def test_busy_metrics_port_is_named_in_the_error(tmp_path):
+    (tmp_path / "config.toml").write_text('[tasks.t]\ncommand = ["true"]\napiKeyNames = ["ci"]\n')
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = rtask_cli("run", "--api-address", "127.0.0.1:0", "--metrics-address", f"127.0.0.1:{port}",
+                        cwd=tmp_path, timeout=20)
+    assert out.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in out.stderr, out.stderr
