@@ -6186,7 +6186,8 @@ def test_resilience_1000_idle_and_half_sent_connections(start_server):
                 socks[s] = "idle"
             opened[s] = time.monotonic()
         all_open = time.monotonic()
-        wait_for(lambda: _rs_proc_status(pid)["Threads"] >= threads_before + 1000, timeout=10, interval=0.1)
+        # (a few threads of earlier requests may still be ending: allow for them)
+        wait_for(lambda: _rs_proc_status(pid)["Threads"] >= threads_before + 990, timeout=10, interval=0.1)
         _rs_note("server threads with 1000 connections", _rs_proc_status(pid)["Threads"])
 
         valid = _rs_post(server.port, "hello", tokens["ci"], timeout=10)
