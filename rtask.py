@@ -5,9 +5,10 @@ A CI job, a cron script or a webhook sender POSTs to ``/tasks/<name>``; rtask ch
 credential, applies the task's limits, runs the command (no shell) with the request body on
 stdin, and answers with the exit status and output, or, for async tasks, a task id to poll.
 
-Start::
+Start (serves the shipped config.toml), and test::
 
     pip install -r requirements.txt && python3 rtask.py add-key ci && python3 rtask.py run
+    pip install -r requirements.txt 'PyJWT[crypto]>=2.8' 'pytest>=7' && python3 -m pytest -q test_rtask.py
 
 The contract (names, formats, status codes, defaults) is SPEC.md; README.md is the manual.
 The file reads in the order of a request's path: constants → configuration → key store →
