@@ -435,8 +435,8 @@ def _parse_task(path, base_dir, name, table, problems: Problems) -> TaskSpec | N
     if not isinstance(table, dict):
         problems.errors.append(f"{where}: must be a table ([tasks.{name}])")
         return None
-    table = _translate_deprecated(where, table, problems)
     errors_before = len(problems.errors)
+    table = _translate_deprecated(where, table, problems)
     fields = _parse_table(where, table, _TASK_OPTIONS, problems)
     if "command" not in table:
         problems.errors.append(f"{where}: field 'command' is required (an array like [\"/bin/echo\", \"hi\"])")
@@ -471,6 +471,23 @@ def _translate_deprecated(where, table, problems: Problems) -> dict:
     return table
 
 
+def _read_config_file(what: str, base_dir: str, path: str, problems: Problems) -> str | None:
+    """The whitespace-trimmed text of a file named in the config (relative to its directory),
+    or None with the problem recorded: unreadable, not UTF-8, or empty."""
+    full = os.path.join(base_dir, path)
+    try:
+        with open(full, encoding="utf-8") as f:
+            text = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        problems.errors.append(f"{what}: cannot read {full}: {reason}")
+        return None
+    if not text:
+        problems.errors.append(f"{what}: {full} is empty")
+        return None
+    return text
+
+
 def _load_webhook_secrets(where, base_dir, table, problems: Problems):
     """(name, secret) pairs from webhookSecrets and webhookSecretFiles; None on an error."""
     pairs, ok = [], True
@@ -489,17 +506,9 @@ def _load_webhook_secrets(where, base_dir, table, problems: Problems):
                 problems.errors.append(f"{where}: webhook {wh_name!r} is in both webhookSecrets and webhookSecretFiles")
                 ok = False
                 continue
-            full = os.path.join(base_dir, file_path)
-            try:
-                with open(full, encoding="utf-8") as f:
-                    secret = f.read().strip()
-            except (OSError, UnicodeDecodeError) as e:
-                reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
-                problems.errors.append(f"{where}: field 'webhookSecretFiles' entry {wh_name!r}: cannot read {full}: {reason}")
-                ok = False
-                continue
-            if not secret:
-                problems.errors.append(f"{where}: field 'webhookSecretFiles' entry {wh_name!r}: {full} is empty")
+            secret = _read_config_file(f"{where}: field 'webhookSecretFiles' entry {wh_name!r}",
+                                       base_dir, file_path, problems)
+            if secret is None:
                 ok = False
                 continue
             pairs.append((wh_name, secret))
@@ -531,13 +540,8 @@ def _parse_signed_webhook(where, base_dir, table, problems: Problems) -> SignedW
         problems.errors.append(f"{where}: give either 'secret' or 'secretFile', not both")
         return None
     if secret_file:
-        full = os.path.join(base_dir, secret_file)
-        try:
-            with open(full, encoding="utf-8") as f:
-                fields["secret"] = f.read().strip()
-        except (OSError, UnicodeDecodeError) as e:
-            problems.errors.append(f"{where}: field 'secretFile': cannot read {full}: "
-                                   f"{getattr(e, 'strerror', None) or 'not text'}")
+        fields["secret"] = _read_config_file(f"{where}: field 'secretFile'", base_dir, secret_file, problems)
+        if fields["secret"] is None:
             return None
     if not fields.get("secret", "").strip():
         problems.errors.append(f"{where}: needs a non-empty 'secret' or 'secretFile'")
@@ -688,12 +692,8 @@ def _jwt_public_key(where, base_dir, fields, problems: Problems) -> str | None:
     elif os.environ.get("RTASK_JWT_PUBLIC_KEY_PATH"):
         inline, path, source = None, os.environ["RTASK_JWT_PUBLIC_KEY_PATH"], "env RTASK_JWT_PUBLIC_KEY_PATH"
     if path:
-        full = os.path.join(base_dir, path)
-        try:
-            with open(full, encoding="utf-8") as f:
-                inline = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            problems.errors.append(f"{where}: cannot read the public key {full}: {getattr(e, 'strerror', None) or 'not text'}")
+        inline = _read_config_file(f"{where}: the public key", base_dir, path, problems)
+        if inline is None:
             return None
     if not inline:
         problems.errors.append(f"{where}: verificationMethod 'public_key' needs publicKeyPath or publicKey")
@@ -1853,6 +1853,10 @@ class RunStore:
         with self._lock:
             self._runs[run.id] = run
 
+    def discard(self, run: Run):
+        with self._lock:
+            self._runs.pop(run.id, None)
+
     def finished(self, run: Run):
         with self._lock:
             self._expiry.append((time.monotonic() + self.retention, run.id))
@@ -2386,17 +2390,7 @@ def execute(h: RequestHandler, state: TaskState, caller: Caller, body: bytes | N
         body = h.read_body(task.max_input_bytes)
     run = Run(task, caller)
     env = build_environment(task, run, h.headers)
-    start = lambda: h.app.launch(state, run, body, env)  # noqa: E731
-    if state.slots.try_acquire():
-        state.runs.add(run)
-        start()
-    elif task.is_async:
-        run.launch = start
-        if not state.slots.enqueue(start):
-            raise too_many_running(task)
-        state.runs.add(run)
-    else:
-        wait_in_line(state, run, start)
+    start_when_admitted(state, run, lambda: h.app.launch(state, run, body, env))
     if task.is_async:
         h.send_json(200, {"task_id": run.id, "status": run.status})
     elif "text/event-stream" in (h.headers.get("accept") or ""):
@@ -2404,6 +2398,22 @@ def execute(h: RequestHandler, state: TaskState, caller: Caller, body: bytes | N
     else:
         run.done.wait()
         h.send_json(200, run.to_json())
+
+
+def start_when_admitted(state: TaskState, run: Run, start):
+    """Start now if a slot is free; else an async run waits in line (answered ``queued``)
+    and a sync request waits for its turn. Refused (429) when the line is full."""
+    if state.slots.try_acquire():
+        state.runs.add(run)
+        start()
+    elif run.task.is_async:
+        run.launch = start
+        state.runs.add(run)  # before it can be granted, so that its end finds it stored
+        if not state.slots.enqueue(start):
+            state.runs.discard(run)
+            raise too_many_running(run.task)
+    else:
+        wait_in_line(state, run, start)
 
 
 def wait_in_line(state: TaskState, run: Run, start):

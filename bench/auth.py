@@ -76,6 +76,7 @@ class NoMetrics:
     def permission_denied(self, *args):
         pass
 
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rtask", default=os.path.join(HERE, "..", "rtask.py"),
