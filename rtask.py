@@ -1478,20 +1478,31 @@ class Run:
             self.done.set()
             self.changed.notify_all()
 
+    def shown_status(self) -> str:
+        """The status callers see. ``finish`` records the outcome before ``publish`` wakes
+        the waiters; in between, readers still see the run going, so that no answer shows
+        an ended run without its output and end time."""
+        if self.done.is_set():
+            return self.status
+        return "queued" if self.started_at is None else "running"
+
     def summary(self) -> dict:
         """One line of GET /tasks/<name>: no output."""
         with self.changed:
-            return {"task_id": self.id, "status": self.status, "caller": self.caller.name,
+            published = self.done.is_set()
+            return {"task_id": self.id, "status": self.shown_status(), "caller": self.caller.name,
                     "created_at": _rfc3339(self.created_at),
                     "started_at": self.started_at and _rfc3339(self.started_at),
-                    "finished_at": self.finished_at and _rfc3339(self.finished_at)}
+                    "finished_at": published and _rfc3339(self.finished_at) or None}
 
     def to_json(self) -> dict:
         with self.changed:
-            result = {"status": self.status, "exit_code": self.exit_code, "task_id": self.id}
+            published = self.done.is_set()
+            result = {"status": self.shown_status(), "exit_code": self.exit_code if published else -1,
+                      "task_id": self.id}
             if self.started_at is not None:
                 result["started_at"] = _rfc3339(self.started_at)
-            if not self.done.is_set():
+            if not published:
                 return result
             result["finished_at"] = _rfc3339(self.finished_at)
             result["duration_seconds"] = round(self.duration, 6)
@@ -2392,7 +2403,7 @@ def execute(h: RequestHandler, state: TaskState, caller: Caller, body: bytes | N
     env = build_environment(task, run, h.headers)
     start_when_admitted(state, run, lambda: h.app.launch(state, run, body, env))
     if task.is_async:
-        h.send_json(200, {"task_id": run.id, "status": run.status})
+        h.send_json(200, {"task_id": run.id, "status": run.shown_status()})
     elif "text/event-stream" in (h.headers.get("accept") or ""):
         stream_events(h, run)
     else:

@@ -2568,6 +2568,20 @@ def test_async_result_task_id_is_the_commands_rtask_task_id(_lc):
     assert "stderr" not in body and not _lc_truncated(body, "stdout"), body
 
 
+def test_a_polled_run_never_shows_an_end_without_its_output(_lc):
+    """Polled as fast as the server answers, an async run is seen queued or running, then ended
+    with all of its result: never an end status without the output and the end time."""
+    for _ in range(25):
+        run_id = _lc_post_async(_lc, "lc_sh_async", "echo ok")
+        while (body := _lc_result(_lc, "lc_sh_async", run_id))["status"] in ("queued", "running"):
+            assert body["exit_code"] == -1 and "finished_at" not in body, body
+        _lc_check_finished(body, status="success", exit_code=0)
+        assert body["stdout"] == "ok\n", body
+        runs = _lc_json(_lc.server.get("/tasks/lc_sh_async", key=_lc.ci), 200)["runs"]
+        listed = {run["task_id"]: run for run in runs}
+        assert listed[run_id]["status"] == "success" and listed[run_id]["finished_at"], listed[run_id]
+
+
 def test_webhook_run_sees_the_webhook_name_as_rtask_caller(_lc):
     r = _lc.server.request("POST", f"/wh/{_LC_HOOK_SYNC}", _lc_identity_script())
     body = _lc_check_finished(_lc_json(r, 200), status="success", exit_code=0)
