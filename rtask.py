@@ -1099,7 +1099,8 @@ def _import_jwt():
 class JwksCache:
     """The identity provider's signing keys, by ``kid``.
 
-    Fetched at start (a failure is logged; the server still starts), refreshed lazily when
+    Fetched by ``prepare`` (at start, while /health/ready says "starting"; a failure is
+    logged and the server goes on without keys), refreshed lazily when
     older than the refresh interval, and at once for an unknown kid, but never more than once
     per JWKS_COOLDOWN_SECONDS whatever the reason, so a flood of random kids costs one fetch.
     When the provider is down, the last keys serve up to jwksMaxStaleSeconds past their
@@ -1111,8 +1112,12 @@ class JwksCache:
         self._fetched: float | None = None  # monotonic time of the last successful fetch
         self._attempted = -math.inf
         self._lock = threading.Lock()
+        self._prepared = threading.Event()  # set once the first fetch has been tried
         self.fetches = 0
+
+    def prepare(self):
         self.refresh()
+        self._prepared.set()
 
     def refresh(self):
         """Fetch the key set unless another fetch is running or one was tried too recently."""
@@ -1154,6 +1159,8 @@ class JwksCache:
         return keys
 
     def key_for(self, kid: str | None):
+        # A token that arrives while the first fetch runs waits for it rather than failing.
+        self._prepared.wait(JWKS_FETCH_TIMEOUT_SECONDS + 1)
         now = time.monotonic()
         interval = self.spec.jwks_refresh_interval_seconds
         if self._fetched is None or now - self._fetched > interval or kid not in self._keys:
@@ -1181,6 +1188,11 @@ class JwtVerifier:
         else:  # checked when the config was loaded
             from cryptography.hazmat.primitives.serialization import load_pem_public_key
             self._static_key = load_pem_public_key(spec.public_key.encode())
+
+    def prepare(self):
+        """Fetch the JWKS, if that is where the keys come from: up to its fetch timeout."""
+        if self.jwks:
+            self.jwks.prepare()
 
     def verify(self, token: str) -> Caller:
         started = time.perf_counter()
@@ -1251,6 +1263,13 @@ class Authenticator:
         self.config, self.keyring, self.metrics = config, keyring, metrics
         self.api_key_header = config.auth.api_key_header.lower()
         self.jwt = JwtVerifier(config.auth.jwt, config.auth, metrics) if config.auth.jwt else None
+
+    def fetches_keys(self) -> bool:
+        return bool(self.jwt and self.jwt.jwks)
+
+    def prepare(self):
+        if self.jwt:
+            self.jwt.prepare()
 
     def authenticate(self, headers: Headers) -> Caller:
         method = "api_key"
@@ -1950,15 +1969,24 @@ class App:
         self.webhooks = config.webhook_index()
         self.executor = Executor()
         self.started = time.monotonic()
+        self.starting = self.auth.fetches_keys()  # until prepare_auth has run: /health/ready is 503
         self.draining = False
         self.inflight = 0  # requests being answered
         self._inflight_lock = threading.Lock()
         metrics.configure(config, self.tasks)
 
+    def prepare_auth(self):
+        """The last step of start-up: fetch the JWKS (up to its 10-second timeout) while the
+        listener already answers, /health/ready with 503 "starting"."""
+        self.auth.prepare()
+        self.starting = False
+        log.info("rtask ready")
+
     def reload(self, config: Config):
         """Use a new configuration (SIGHUP). Everything that can fail is built first, so a
         failure leaves the old configuration in force; running executions are untouched."""
         auth = Authenticator(config, self.keyring, self.metrics)
+        auth.prepare()
         tasks = {name: self.tasks[name].reconfigure(task) if name in self.tasks else TaskState(task)
                  for name, task in config.tasks.items()}
         self.metrics.configure(config, tasks)
@@ -2515,8 +2543,8 @@ def get_live(h: RequestHandler):
 
 
 def get_ready(h: RequestHandler):
-    if h.app.draining:
-        h.send_json(503, {"status": "draining"})
+    if h.app.draining or h.app.starting:
+        h.send_json(503, {"status": "draining" if h.app.draining else "starting"})
     else:
         h.send_json(200, {"status": "ready"})
 
@@ -2526,7 +2554,8 @@ def get_health_detailed(h: RequestHandler):
     for name, state in h.app.tasks.items():
         kept = state.runs.finished_count()
         tasks[name] = {"running": state.slots.running, "queued": state.slots.queued, "results_kept": kept}
-    h.send_json(200, {"status": "draining" if h.app.draining else "healthy", "version": __version__,
+    status = "draining" if h.app.draining else "starting" if h.app.starting else "healthy"
+    h.send_json(200, {"status": status, "version": __version__,
                       "uptime_seconds": round(time.monotonic() - h.app.started, 3), "tasks": tasks})
 
 
@@ -2913,6 +2942,8 @@ def cmd_run(args) -> int:
     log.info("rtask listening", extra={"fields": {
         "api": f"{'https' if tls else 'http'}://{api[0]}:{server.server_address[1]}",
         "metrics": f"{metrics_address[0]}:{metrics_port}", "tasks": len(config.tasks), "keys": len(keys)}})
+    if app.starting:
+        threading.Thread(target=app.prepare_auth, name="rtask-prepare", daemon=True).start()
     while True:
         # A timeout, not a plain wait: a signal that the kernel delivers to another thread
         # only runs its Python handler once the main thread executes again.
@@ -3117,8 +3148,10 @@ def cmd_validate_token(args) -> int:
             raise ConfigError(f"{args.config} has no [auth.jwt]; pass --public-key PATH")
         spec = config.auth.jwt
     lenient = AuthSpec(strict_validation=False, log_unknown_permissions=False)
+    verifier = JwtVerifier(spec, lenient, Metrics())
+    verifier.prepare()
     try:
-        caller = JwtVerifier(spec, lenient, Metrics()).verify(args.token)
+        caller = verifier.verify(args.token)
     except Reject as r:
         print(f"invalid: {r.message}", file=sys.stderr)
         return 1

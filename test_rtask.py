@@ -3458,12 +3458,12 @@ def _au_log_has(server: Server, *fragments: str, timeout=5.0) -> str:
         raise AssertionError(f"no log line holds {fragments}:\n{server.log()}") from None
 
 
-def _au_start(directory: Path, config_text: str, keys=(), env=None, server_class=Server) -> tuple[Server, dict]:
+def _au_start(directory: Path, config_text: str, keys=(), env=None) -> tuple[Server, dict]:
     """Write config.toml into ``directory``, add ``keys`` with the real add-key, start rtask."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.toml").write_text(textwrap.dedent(config_text))
     tokens = {name: new_key(directory, name) for name in keys}
-    return server_class(directory, {**_AU_ENV, **(env or {})}), tokens
+    return Server(directory, {**_AU_ENV, **(env or {})}), tokens
 
 
 def _au_free_port() -> int:
@@ -3473,17 +3473,9 @@ def _au_free_port() -> int:
         return s.getsockname()[1]
 
 
-class _AuPatientServer(Server):
-    """A Server given 30 s to start: a start-up JWKS fetch may take its whole 10 s timeout."""
-
-    def _wait_for_ports(self):
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                return super()._wait_for_ports()
-            except AssertionError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise
+def _au_wait_ready(server: Server, timeout=5.0):
+    """Wait for the end of start-up (the first JWKS fetch): /health/ready answers 200."""
+    wait_for(lambda: server.get("/health/ready").status == 200, timeout=timeout, interval=0.05)
 
 
 class _AuJwks:
@@ -3493,6 +3485,7 @@ class _AuJwks:
         self.fetches = 0  # every GET
         self.served = 0  # GETs answered with the key set
         self.hang = False
+        self.delay = 0.0  # seconds to wait before each answer
         self.released = threading.Event()
         self.serve(keys)
         owner = self
@@ -3503,6 +3496,7 @@ class _AuJwks:
                 if owner.hang:  # an identity provider that accepts and never answers
                     owner.released.wait(60)
                     return
+                time.sleep(owner.delay)
                 if self.path == "/moved":  # a redirect to the real key set
                     self.send_response(302)
                     self.send_header("Location", "/jwks.json")
@@ -4078,6 +4072,7 @@ def test_jwks_token_with_served_kid_is_accepted(start_server, au_keys):
     idp = _AuJwks([au_keys["main"]])
     try:
         server, _ = start_server(_au_jwks_config(idp.url), keys=(), env=_AU_ENV)
+        _au_wait_ready(server)
         assert idp.fetches == 1  # fetched at start
         token = _au_token(au_keys["main"], kid="k-main", sub="idp-user")
         _au_ok(server.post("hello", headers=_au_bearer(token)), "idp-user")
@@ -4091,28 +4086,41 @@ def test_jwks_token_with_served_kid_is_accepted(start_server, au_keys):
         idp.stop()
 
 
+def test_ready_is_503_starting_until_the_first_jwks_fetch_and_tokens_wait_for_it(start_server, au_keys):
+    idp = _AuJwks([au_keys["main"]])
+    idp.delay = 2.0
+    try:
+        server, _ = start_server(_au_jwks_config(idp.url), keys=(), env=_AU_ENV)
+        t0 = time.monotonic()
+        ready = server.get("/health/ready")
+        assert (ready.status, ready.json) == (503, {"status": "starting"}), ready
+        assert server.get("/health/detailed").json["status"] == "starting"
+        assert server.get("/health").json == {"status": "healthy"}  # alive meanwhile
+        token = _au_token(au_keys["main"], kid="k-main", sub="early")
+        _au_ok(server.post("hello", headers=_au_bearer(token)), "early")  # waited for the keys
+        assert 1.0 <= time.monotonic() - t0 < 5
+        assert server.get("/health/ready").json == {"status": "ready"}
+        assert server.get("/health/detailed").json["status"] == "healthy"
+        assert idp.fetches == 1
+        _au_log_has(server, "rtask ready")
+    finally:
+        idp.stop()
+
+
 @pytest.fixture(scope="module")
 def au_jwks_later(tmp_path_factory, au_keys):
     """JWKS set-ups started together, for tests that must outlive the 10-second refresh
     cooldown that the start-up fetch begins: one identity provider goes down, one rotates its
     key, one is flooded with unknown kids, one refreshes every second when asked for a key.
-    ``ready_at`` is when the cooldown is over. Meanwhile, in a thread, a server whose provider
-    never answers starts (its start-up fetch must give up after 10 s): ``hung``."""
+    ``ready_at`` is when the cooldown is over. And a server whose provider never answers, so
+    that its start-up fetch must give up after 10 s: ``hung``, with its /health/ready answer
+    just after the start and the time of the start."""
     setups = {}
     hung = {"idp": _AuJwks([au_keys["main"]])}
     hung["idp"].hang = True
-
-    def start_hung():
-        started = time.monotonic()
-        try:
-            hung["server"] = _au_start(tmp_path_factory.mktemp("au-jwks-hung"), _au_jwks_config(hung["idp"].url),
-                                       server_class=_AuPatientServer)[0]
-        except AssertionError as e:
-            hung["error"] = e
-        hung["seconds"] = time.monotonic() - started
-
-    hung["thread"] = threading.Thread(target=start_hung)
-    hung["thread"].start()
+    hung["started"] = time.monotonic()
+    hung["server"] = _au_start(tmp_path_factory.mktemp("au-jwks-hung"), _au_jwks_config(hung["idp"].url))[0]
+    hung["ready_at_start"] = hung["server"].get("/health/ready")
     extra = {"down": "jwksRefreshIntervalSeconds = 1\njwksMaxStaleSeconds = 30", "rotate": "", "flood": "",
              "lazy": "jwksRefreshIntervalSeconds = 1"}
     try:
@@ -4121,10 +4129,10 @@ def au_jwks_later(tmp_path_factory, au_keys):
             setups[name] = (idp, None)
             server, _ = _au_start(tmp_path_factory.mktemp(f"au-jwks-{name}"), _au_jwks_config(idp.url, more))
             setups[name] = (idp, server)
+            _au_wait_ready(server)
         ready_at = time.monotonic() + _AU_JWKS_COOLDOWN + 0.5
         yield setups, ready_at, hung
     finally:
-        hung["thread"].join(30)
         for idp, server in [*setups.values(), (hung["idp"], hung.get("server"))]:
             if server:
                 server.stop()
@@ -4185,11 +4193,12 @@ def test_jwks_key_set_older_than_the_interval_is_refreshed_on_use(au_jwks_later,
 
 def test_jwks_fetch_gives_up_after_10_seconds_and_the_server_still_starts(au_jwks_later, au_keys):
     hung = au_jwks_later[2]
-    hung["thread"].join(30)
-    assert "error" not in hung, hung.get("error")
     server = hung["server"]
-    assert 9.5 <= hung["seconds"] < 25, f"start-up took {hung['seconds']:.1f} s"
-    _au_log_has(server, "JWKS fetch failed; keeping the previous keys", "timed out")
+    assert (hung["ready_at_start"].status, hung["ready_at_start"].json) == (503, {"status": "starting"})
+    _au_log_has(server, "JWKS fetch failed; keeping the previous keys", "timed out", timeout=25)
+    _au_wait_ready(server)
+    seconds = time.monotonic() - hung["started"]
+    assert 9.5 <= seconds < 25, f"start-up took {seconds:.1f} s"
     assert hung["idp"].fetches == 1
     hung["idp"].hang = False  # the provider recovers: the next unknown kid fetches the keys
     _au_ok(server.post("hello", headers=_au_bearer(_au_token(au_keys["main"], kid="k-main"))), "ci-bot")
@@ -4523,6 +4532,18 @@ def test_validate_token_shows_subject_expiry_and_permissions(au_generated, au_ke
     (cwd / "config.toml").write_text(_au_jwt_config('publicKeyPath = "keys/jwt-public-key.pem"'))
     out = rtask_cli("validate-token", "--token", token, cwd=cwd)
     assert out.returncode == 0 and "valid token for subject 'checker'" in out.stdout, out
+
+
+def test_validate_token_fetches_the_jwks_of_the_config(tmp_path, au_keys):
+    idp = _AuJwks([au_keys["main"]])
+    try:
+        (tmp_path / "config.toml").write_text(_au_jwks_config(idp.url))
+        token = _au_token(au_keys["main"], kid="k-main", sub="from-idp")
+        out = rtask_cli("validate-token", "--token", token, cwd=tmp_path, env={**os.environ, **_AU_ENV})
+        assert out.returncode == 0 and "valid token for subject 'from-idp'" in out.stdout, out
+        assert idp.fetches == 1
+    finally:
+        idp.stop()
 
 
 def test_show_permissions_prints_the_table_and_grants_without_pyjwt(tmp_path):
