@@ -1453,10 +1453,11 @@ class Run:
     """One execution of a task, from spawn to result; shared by the reactor (which writes it)
     and the handlers that wait for it or read it."""
 
-    def __init__(self, task: TaskSpec, caller: Caller):
+    def __init__(self, task: TaskSpec, caller: Caller, client: str):
         self.id = base64.b32encode(secrets.token_bytes(10)).decode("ascii").lower()
         self.task = task
         self.caller = caller
+        self.client = client  # the caller's address (see RequestHandler.client)
         self.created_at = time.time()
         self.started_at: float | None = None  # when the process was started (after any queue)
         self.started = 0.0
@@ -2030,7 +2031,7 @@ class App:
         state.runs.finished(run)
         self.metrics.observe_run(run)
         log.info("task finished", extra={"fields": {
-            "task": run.task.name, "task_id": run.id, "caller": run.caller.name,
+            "task": run.task.name, "task_id": run.id, "caller": run.caller.name, "client": run.client,
             "status": run.status, "exit_code": run.exit_code,
             "duration": round(run.duration, 3)}})
         if run.stdout.data or run.stderr.data:
@@ -2066,6 +2067,27 @@ class RequestHandler(BaseHTTPRequestHandler):
     def handle(self):
         if not self.handshake_failed:
             super().handle()
+
+    def client(self) -> str:
+        """The caller's address for the logs: the TCP peer, unless the peer is a trusted proxy
+        (run --trusted-proxy); then the nearest X-Forwarded-For hop that is not one. Hops are
+        read from the right, because only those that trusted proxies added can be believed."""
+        trusted = self.server.trusted_proxies
+        client = self.client_address[0]
+        if not trusted:
+            return client
+        import ipaddress
+        hops = ",".join(self.headers.get_all("x-forwarded-for")).split(",")[::-1]
+        for hop in [client, *hops]:
+            try:
+                address = ipaddress.ip_address(hop.strip())
+            except ValueError:
+                break  # missing or garbled: keep the last address that was believable
+            address = getattr(address, "ipv4_mapped", None) or address
+            client = str(address)
+            if not any(address in network for network in trusted):
+                break
+        return client
 
     def handle_one_request(self):
         """Read one request and answer it; sets close_connection when the connection ends."""
@@ -2326,7 +2348,7 @@ def answer_reject(h: RequestHandler, r: Reject, task_name: str | None):
     if r.reason and task_name in h.app.tasks:
         h.app.metrics.count_rejection(task_name, r.reason)
         log.info("request rejected", extra={"fields": {
-            "task": task_name, "reason": r.reason, "status": r.status, "client": h.client_address[0]}})
+            "task": task_name, "reason": r.reason, "status": r.status, "client": h.client()}})
     h.send_json(r.status, {"error": r.code, "message": r.message}, headers=r.headers)
 
 
@@ -2427,7 +2449,7 @@ def execute(h: RequestHandler, state: TaskState, caller: Caller, body: bytes | N
         raise too_many_running(task)
     if body is None:
         body = h.read_body(task.max_input_bytes)
-    run = Run(task, caller)
+    run = Run(task, caller, h.client())
     env = build_environment(task, run, h.headers)
     start_when_admitted(state, run, lambda: h.app.launch(state, run, body, env))
     if task.is_async:
@@ -2678,9 +2700,10 @@ class Server(ThreadingHTTPServer):
     block_on_close = False
     request_queue_size = 128
 
-    def __init__(self, address, handler, app: App, tls=None):
+    def __init__(self, address, handler, app: App, tls=None, trusted_proxies=()):
         self.app = app
         self.tls = tls  # ssl.SSLContext; the handshake happens in the connection's own thread
+        self.trusted_proxies = trusted_proxies  # ipaddress networks whose X-Forwarded-For counts
         self.watchdog = ReadWatchdog()
         self.connections = 0
         self._conn_lock = threading.Lock()
@@ -2725,9 +2748,9 @@ def _refuse_connection(sock):
         sock.close()
 
 
-def make_server(address: tuple[str, int], app: App, tls=None) -> Server:
+def make_server(address: tuple[str, int], app: App, tls=None, trusted_proxies=()) -> Server:
     handler = type("BoundRequestHandler", (RequestHandler,), {"app": app})
-    return Server(address, handler, app, tls)
+    return Server(address, handler, app, tls, trusted_proxies)
 
 
 # =============================================================================================
@@ -2902,6 +2925,17 @@ def parse_address(text: str, option: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def parse_networks(texts: list[str], option: str) -> tuple:
+    import ipaddress
+    networks = []
+    for text in texts:
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise ConfigError(f"{option} {text!r} must be an IP address or network, like 127.0.0.1 or 10.0.0.0/8") from None
+    return tuple(networks)
+
+
 def load_everything(args) -> tuple[Config, dict[str, StoredKey], Problems]:
     """Config and keys exactly as ``run`` uses them, with every problem collected."""
     problems = Problems()
@@ -2923,9 +2957,10 @@ def cmd_run(args) -> int:
     api = parse_address(args.api_address, "--api-address")
     metrics_address = parse_address(args.metrics_address, "--metrics-address")
     tls = tls_context(args.tls_cert, args.tls_key)
+    trusted_proxies = parse_networks(args.trusted_proxy, "--trusted-proxy")
     metrics = Metrics()
     app = App(config, KeyRing(args.api_keys_file, keys), metrics)
-    server = listen(args.api_address, lambda: make_server(api, app, tls))
+    server = listen(args.api_address, lambda: make_server(api, app, tls, trusted_proxies))
     metrics_port = listen(args.metrics_address,
                           lambda: start_metrics_server(*metrics_address, metrics, args.tls_cert, args.tls_key))
     signals: collections.deque = collections.deque()
@@ -3354,6 +3389,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-address", default=DEFAULT_METRICS_ADDRESS, help="HOST:PORT (default localhost:9090)")
     run.add_argument("--tls-cert", help="PEM certificate: serve HTTPS (TLS 1.2+) on both listeners")
     run.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    run.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS",
+                     help="a proxy (IP or network) whose X-Forwarded-For names the client in logs; repeatable")
     command("add-key", cmd_add_key, "create a key and print it once").add_argument("name")
     command("list-keys", cmd_list_keys, "list key names and ids (never secrets)")
     command("remove-key", cmd_remove_key, "revoke a key").add_argument("name")

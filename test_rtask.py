@@ -5587,6 +5587,67 @@ def test_ig_tls_rtask_call_over_https(_ig_tls):
 
 
 # =============================================================================================
+# ===== Behind a reverse proxy: the client address in logs =====
+# =============================================================================================
+
+
+def _ig_proxy_server(d: Path, *trusted: str) -> tuple[_IgServer, str]:
+    (d / "config.toml").write_text(_ig_task("t", ["echo", "ok"]))
+    key = new_key(d, "ci")
+    run_args = ["--log-format", "json"]
+    for network in trusted:
+        run_args += ["--trusted-proxy", network]
+    return _IgServer(d, run_args=run_args), key
+
+
+def _ig_logged_clients(server, message: str) -> list[str]:
+    entries = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    return [e["client"] for e in entries if e.get("msg", e.get("message")) == message]
+
+
+def test_ig_trusted_proxy_forwarded_address_is_the_logged_client(tmp_path):
+    server, key = _ig_proxy_server(tmp_path, "127.0.0.0/8", "10.0.0.0/8")
+    try:
+        cases = [("198.51.100.1, 203.0.113.7", "203.0.113.7"),  # the hop the proxy added counts
+                 ("203.0.113.7, 10.1.2.3", "203.0.113.7"),  # a second trusted proxy is skipped
+                 ("2001:db8::5", "2001:db8::5"),
+                 ("not-an-address", "127.0.0.1")]  # garbled: the proxy itself
+        for forwarded, client in cases:
+            headers = {"X-Forwarded-For": forwarded}
+            assert server.request("POST", "/tasks/t", headers=headers, key=key).status == 200
+            assert server.request("POST", "/tasks/t", headers=headers, key="wrong").status == 401
+            finished = wait_for(lambda: _ig_logged_clients(server, "task finished"), timeout=5)
+            assert wait_for(lambda: len(_ig_logged_clients(server, "request rejected")) == len(finished))
+            assert _ig_logged_clients(server, "task finished")[-1] == client, (forwarded, server.log())
+            assert _ig_logged_clients(server, "request rejected")[-1] == client, (forwarded, server.log())
+    finally:
+        server.stop()
+
+
+def test_ig_forwarded_address_from_an_untrusted_peer_is_ignored(tmp_path):
+    for trusted in [(), ("192.0.2.0/24",)]:  # no proxy trusted, or not this peer
+        d = tmp_path / str(len(trusted))
+        d.mkdir()
+        server, key = _ig_proxy_server(d, *trusted)
+        try:
+            resp = server.request("POST", "/tasks/t", headers={"X-Forwarded-For": "203.0.113.7"}, key=key)
+            assert resp.status == 200, resp
+            assert wait_for(lambda: _ig_logged_clients(server, "task finished")) == ["127.0.0.1"]
+        finally:
+            server.stop()
+
+
+def test_ig_trusted_proxy_that_is_not_an_address_is_refused_at_start(tmp_path):
+    (tmp_path / "config.toml").write_text(_ig_task("t", ["echo", "ok"]))
+    out = rtask_cli("run", "--api-address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0",
+                    "--trusted-proxy", "proxy.example", cwd=tmp_path, timeout=15)
+    assert out.returncode == 1, out
+    assert out.stderr.strip().splitlines()[-1].endswith(
+        "--trusted-proxy 'proxy.example' must be an IP address or network, like 127.0.0.1 or 10.0.0.0/8"), out.stderr
+    assert "Traceback" not in out.stderr
+
+
+# =============================================================================================
 # ===== Reload (SIGHUP) =====
 # =============================================================================================
 
