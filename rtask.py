@@ -1598,6 +1598,7 @@ class Executor:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeups)
         self._children: set[_Child] = set()
+        self._doomed: set[Run] = set()  # cancelled while their process was being spawned
         self.running = 0  # processes started and not yet ended (any thread may read it)
         self._count_lock = threading.Lock()
         threading.Thread(target=self._loop, name="rtask-reactor", daemon=True).start()
@@ -1635,7 +1636,8 @@ class Executor:
 
     def cancel(self, run: Run) -> bool:
         """Stop a run's process group (TERM, then KILL); False if the run had ended. A run
-        already being stopped (by its timeout or an earlier cancel) keeps that outcome."""
+        already being stopped (by its timeout or an earlier cancel) keeps that outcome. A run
+        that has its slot but whose process is still being spawned is stopped on arrival."""
         found = []
 
         def stop():
@@ -1643,6 +1645,9 @@ class Executor:
                 found.extend(c for c in self._children if c.run is run)
                 for child in found:
                     self._signal_group(child, "cancelled")
+                if not found and run.finished_at is None:
+                    self._doomed.add(run)
+                    found.append(run)
             finally:
                 done.set()
         done = threading.Event()
@@ -1742,6 +1747,9 @@ class Executor:
             self._selector.register(pidfd, selectors.EVENT_READ, self._on_exit(child))
         child.timers.append(self._after(child.run.task.timeout_seconds,
                                         lambda: self._signal_group(child, "timeout")))
+        if child.run in self._doomed:
+            self._doomed.discard(child.run)
+            self._signal_group(child, "cancelled")
 
     def _on_output(self, child: _Child):
         def readable(fd, mask):
@@ -1853,7 +1861,7 @@ class Executor:
         run.finish("failure", -2)
         # On the reactor, later: a failed start of a queued run hands its slot to the next in
         # line, which may fail too; done inline, a long line of them would recurse.
-        self.call_soon(lambda: (on_end(run), run.publish()))
+        self.call_soon(lambda: (self._doomed.discard(run), on_end(run), run.publish()))
 
 
 def _killpg(pgid: int, sig):

@@ -2817,6 +2817,31 @@ def test_delete_of_a_run_that_is_still_running_is_never_409(_lc, hold):
     assert "finished_at" in body, body
 
 
+def test_delete_just_as_a_queued_run_gets_its_slot_is_never_409(_lc):
+    """The moment a queued run is handed its slot (its process being spawned), a DELETE must
+    still stop it: polled on one keep-alive connection, the DELETE follows at once."""
+    conn = http.client.HTTPConnection("127.0.0.1", _lc.server.port, timeout=30)
+    auth = {"Authorization": f"Bearer {_lc.ci}"}
+
+    def call(method, path, body=b""):
+        conn.request(method, path, body=body, headers=auth)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    try:
+        for _ in range(15):
+            _, first = call("POST", "/tasks/lc_q_async", b"sleep 0.1")
+            _, queued = call("POST", "/tasks/lc_q_async", b"sleep 10")
+            assert queued["status"] == "queued", queued
+            path = f"/tasks/lc_q_async/{queued['task_id']}"
+            while call("GET", path)[1]["status"] == "queued":
+                pass
+            status, body = call("DELETE", path)
+            assert (status, body["status"]) == (200, "cancelled"), body
+            assert call("GET", f"/tasks/lc_q_async/{first['task_id']}?wait=5")[1]["status"] == "success"
+    finally:
+        conn.close()
+
+
 def test_jwt_caller_is_the_token_subject(start_server, tmp_path):
     out = rtask_cli("generate-keys", "--output-dir", "keys", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
