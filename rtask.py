@@ -2111,7 +2111,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             watchdog.disarm(self.connection)
         if not line:
             return
-        watchdog.arm(self.connection, REQUEST_READ_TIMEOUT)
+        self._arm_request_read()
         self.app.request_started()
         try:
             self._answer(line)
@@ -2126,6 +2126,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         try:
             self._parse_head(line)
         except Reject as r:
+            r = self._explain_late(r)
             self.send_json(r.status, {"error": r.code, "message": r.message}, close=True)
             return
         self.server.watchdog.disarm(self.connection)  # read_body arms it again for the body
@@ -2140,6 +2141,17 @@ class RequestHandler(BaseHTTPRequestHandler):
         except Exception:
             log.exception("internal error", extra={"fields": {"method": self.command}})
             self.send_json(500, {"error": "internal", "message": "Internal server error."}, close=True)
+
+    def _arm_request_read(self):
+        self.server.watchdog.arm(self.connection, REQUEST_READ_TIMEOUT, answer=not self.server.tls)
+
+    def _explain_late(self, r: Reject) -> Reject:
+        """A read the watchdog cut short fails as incomplete; say what really happened."""
+        if not self.server.watchdog.expired(self.connection):
+            return r
+        self.close_connection = True
+        return Reject(400, "bad_request", f"The request was not sent within {REQUEST_READ_TIMEOUT:g} seconds.",
+                      r.reason)
 
     def _wants_body(self) -> bool:
         return self.headers.get("content-length") not in (None, "0") or \
@@ -2203,9 +2215,11 @@ class RequestHandler(BaseHTTPRequestHandler):
                 raise Reject(413, "payload_too_large", f"The body is larger than {limit} bytes.", "input_too_large")
         if (self.headers.get("expect") or "").lower() == "100-continue":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self.server.watchdog.arm(self.connection, REQUEST_READ_TIMEOUT)
+        self._arm_request_read()
         try:
             body = self._read_chunked(limit) if chunked else self._read_exact(int(length or 0))
+        except Reject as r:
+            raise self._explain_late(r) from None
         finally:
             self.server.watchdog.disarm(self.connection)
         self.body_pending = False
@@ -2252,7 +2266,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         expect = (self.headers.get("expect") or "").lower() == "100-continue"
         if _is_decimal(length) and int(length) <= DISCARD_BODY_LIMIT and not expect \
                 and not self.headers.get("transfer-encoding"):
-            self.server.watchdog.arm(self.connection, REQUEST_READ_TIMEOUT)
+            self._arm_request_read()
             try:
                 self._read_exact(int(length))
                 return
@@ -2668,35 +2682,49 @@ def stream_events(h: RequestHandler, run: Run):
 
 
 class ReadWatchdog:
-    """Closes connections whose client is too slow: idle keep-alive past its timeout, or a
-    request (line, headers, body) not fully sent in REQUEST_READ_TIMEOUT. One thread checks all
-    deadlines; a per-recv socket timeout alone would let a client send a byte every few seconds
-    forever (slowloris)."""
+    """Cuts off clients that are too slow: idle keep-alive past its timeout, or a request
+    (headers, body) not fully sent in REQUEST_READ_TIMEOUT. One thread checks all deadlines;
+    a per-recv socket timeout alone would let a client send a byte every few seconds forever
+    (slowloris).
+
+    An idle connection is shut both ways. A late request is shut for reading only, when the
+    arm asked for an answer: the handler's read then ends, ``expired`` says why, and the
+    handler can still write a 400. (Not under TLS: shutting an SSLSocket drops its TLS layer,
+    so a later write would go out in the clear; there the connection is shut both ways.)"""
 
     def __init__(self):
-        self._deadlines: dict[socket.socket, float] = {}
+        self._deadlines: dict[socket.socket, tuple[float, bool]] = {}
+        self._expired: set[socket.socket] = set()
         self._lock = threading.Lock()
         threading.Thread(target=self._loop, name="rtask-watchdog", daemon=True).start()
 
-    def arm(self, sock, seconds: float):
+    def arm(self, sock, seconds: float, answer=False):
         with self._lock:
-            self._deadlines[sock] = time.monotonic() + seconds
+            self._deadlines[sock] = (time.monotonic() + seconds, answer)
 
     def disarm(self, sock):
         with self._lock:
             self._deadlines.pop(sock, None)
+            self._expired.discard(sock)
+
+    def expired(self, sock) -> bool:
+        """Did the deadline cut this socket's read short (since it was last armed)?"""
+        with self._lock:
+            return sock in self._expired
 
     def _loop(self):
         while True:
             time.sleep(0.25)
             now = time.monotonic()
             with self._lock:
-                late = [s for s, t in self._deadlines.items() if t <= now]
-                for s in late:
+                late = [(s, answer) for s, (t, answer) in self._deadlines.items() if t <= now]
+                for s, answer in late:
                     del self._deadlines[s]
-            for s in late:
+                    if answer:
+                        self._expired.add(s)
+            for s, answer in late:
                 try:
-                    s.shutdown(socket.SHUT_RDWR)
+                    s.shutdown(socket.SHUT_RD if answer else socket.SHUT_RDWR)
                 except OSError:
                     pass
 

@@ -6392,9 +6392,9 @@ def test_resilience_connection_cap_answers_503_then_recovers(start_server):
 
 
 def test_resilience_slow_body_is_cut_off_while_others_are_served(start_server, tmp_path):
-    """A valid request whose 100-byte body comes at 1 byte a second is answered 400 or closed
+    """A valid request whose 100-byte body comes at 1 byte a second is answered 400 and closed
     about REQUEST_READ_TIMEOUT after its head (it never runs), and other clients are served
-    meanwhile."""
+    meanwhile. A head that stops half-way gets the same 400 at the same time."""
     marker = tmp_path / "slow-ran"
     config = _RS_CONFIG + f"""
 [tasks.slow]
@@ -6408,6 +6408,8 @@ apiKeyNames = ["ci"]
     others = []
     answer = b""
     ended = None
+    half_head = _rs_connect(server.port)
+    half_head.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Partial: ab")
     with _rs_connect(server.port) as s:
         s.sendall(head)
         head_sent = time.monotonic()
@@ -6442,7 +6444,13 @@ apiKeyNames = ["ci"]
     _rs_note("slow body: other clients' max latency s", round(max(o[3] for o in others), 3))
     assert ended is not None, "the slow body was never cut off"
     assert elapsed <= rtask.REQUEST_READ_TIMEOUT + 2, elapsed
-    assert answer == b"" or answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    late = b'"message": "The request was not sent within 10 seconds."'
+    assert answer.startswith(b"HTTP/1.1 400 ") and late in answer, answer[:300]
+    with half_head:
+        half_head.settimeout(5)
+        head_answer = half_head.recv(65536)
+        assert head_answer.startswith(b"HTTP/1.1 400 ") and late in head_answer, head_answer[:300]
+        assert half_head.recv(65536) == b""  # and closed
     assert len(others) >= int(rtask.REQUEST_READ_TIMEOUT) - 2
     assert all(o[0] == 200 and o[3] < 2.0 for o in others), [o for o in others if o[0] != 200 or o[3] >= 2.0]
     assert not marker.exists(), "the task ran although its body never arrived"
