@@ -97,6 +97,7 @@ MAX_TOKEN_CHARS = 4096  # a real key is 62 characters; anything far longer is no
 JWKS_COOLDOWN_SECONDS = 10.0
 JWKS_FETCH_TIMEOUT_SECONDS = 10.0
 JWKS_MAX_BYTES = 1 << 20
+WARNED_SUBJECTS_KEPT = 1024  # token warnings are logged once per subject, up to this many
 
 # Argon2 costs ~65 ms and 64 MiB per verification, so concurrent verifications are bounded;
 # a request that cannot get a slot within the wait gets 503 instead of piling up memory.
@@ -1182,6 +1183,7 @@ class JwtVerifier:
         self.spec, self.auth, self.metrics = spec, auth, metrics
         self._jwt = jwt
         self._static_key = None
+        self._warned: set[tuple[str, str]] = set()
         self.jwks = None
         if spec.verification_method == "jwks":
             self.jwks = JwksCache(spec, metrics)
@@ -1235,8 +1237,19 @@ class JwtVerifier:
         if unknown and self.auth.strict_validation:
             raise unauthorized("unknown_permission", f"The token has an unknown permission: {unknown[0][:64]!r}.")
         if "*" in value:
-            log.warning("token grants '*' (everything)", extra={"fields": {"subject": claims.get("sub")}})
+            self._warn_once("token grants '*' (everything)", claims.get("sub"))
         return frozenset(value)
+
+    def _warn_once(self, message: str, subject):
+        """A warning about a token, once per subject: a pipeline presenting the same admin
+        token on every request would otherwise add a warning line to each."""
+        seen = (message, repr(subject)[:200])  # repr: a forged claim may be any JSON value
+        if seen in self._warned:
+            return
+        if len(self._warned) >= WARNED_SUBJECTS_KEPT:
+            self._warned.clear()
+        self._warned.add(seen)
+        log.warning(message, extra={"fields": {"subject": subject}})
 
 
 def _jwt_problem(error: Exception) -> str:

@@ -3953,6 +3953,13 @@ def test_jwt_star_permission_runs_anything_and_is_warned(au_jwt, au_keys):
     _au_ok(server.post("deploy", headers=_au_bearer(_au_token(au_keys["main"], ["*"], sub="root-bot"))),
            "deployed\n")
     _au_log_has(server, " warning ", "token grants '*' (everything)", " subject=root-bot")
+    # once per subject: the same pipeline calling again adds no line; another subject does
+    _au_ok(server.post("deploy", headers=_au_bearer(_au_token(au_keys["main"], ["*"], sub="root-bot"))),
+           "deployed\n")
+    _au_ok(server.post("deploy", headers=_au_bearer(_au_token(au_keys["main"], ["*"], sub="other-root"))),
+           "deployed\n")
+    _au_log_has(server, " warning ", "token grants '*' (everything)", " subject=other-root")
+    assert len(_au_log_lines(server, "token grants '*' (everything)", " subject=root-bot")) == 1
 
 
 def test_jwt_inline_public_key_is_used(start_server, au_keys):
