@@ -2416,6 +2416,14 @@ maxConcurrentTasks = 1
 queueSize = 1
 executionTimeoutSeconds = 20
 
+[tasks.lc_q_handover]
+command = {_LC_EVAL}
+apiKeyNames = ["ci"]
+async = true
+maxConcurrentTasks = 1
+queueSize = 1
+executionTimeoutSeconds = 20
+
 [tasks.lc_q_fifo]
 command = {_LC_EVAL}
 apiKeyNames = ["ci"]
@@ -2450,9 +2458,9 @@ executionTimeoutSeconds = 20
 # Tasks that name "ci" in apiKeyNames: exactly what GET /tasks must list for that key.
 _LC_CI_TASKS = {"lc_sh", "lc_sh_async", "lc_short", "lc_trunc", "lc_nostart", "lc_timeout", "lc_list", "lc_sse",
                 "lc_sse_sync", "lc_big", "lc_q_sync", "lc_q_timeout", "lc_q_async", "lc_q_fifo", "lc_q_cancel",
-                "lc_q_none_async", "lc_q_none_sync"}
+                "lc_q_none_async", "lc_q_none_sync", "lc_q_handover"}
 _LC_ASYNC_TASKS = {"lc_sh_async", "lc_short", "lc_sse", "lc_big", "lc_q_async", "lc_q_fifo", "lc_q_cancel",
-                   "lc_q_none_async"}
+                   "lc_q_none_async", "lc_q_handover"}
 
 
 @pytest.fixture(scope="module")
@@ -2829,15 +2837,15 @@ def test_delete_just_as_a_queued_run_gets_its_slot_is_never_409(_lc):
         return resp.status, json.loads(resp.read())
     try:
         for _ in range(15):
-            _, first = call("POST", "/tasks/lc_q_async", b"sleep 0.1")
-            _, queued = call("POST", "/tasks/lc_q_async", b"sleep 10")
+            _, first = call("POST", "/tasks/lc_q_handover", b"sleep 0.1")
+            _, queued = call("POST", "/tasks/lc_q_handover", b"sleep 10")
             assert queued["status"] == "queued", queued
-            path = f"/tasks/lc_q_async/{queued['task_id']}"
+            path = f"/tasks/lc_q_handover/{queued['task_id']}"
             while call("GET", path)[1]["status"] == "queued":
                 pass
             status, body = call("DELETE", path)
             assert (status, body["status"]) == (200, "cancelled"), body
-            assert call("GET", f"/tasks/lc_q_async/{first['task_id']}?wait=5")[1]["status"] == "success"
+            assert call("GET", f"/tasks/lc_q_handover/{first['task_id']}?wait=5")[1]["status"] == "success"
     finally:
         conn.close()
 
