@@ -1386,21 +1386,18 @@ class ConcurrencyLimit:
         """Could a request start now or wait in line?"""
         return not self.limit or self.running < self.limit or len(self._waiting) < self.queue_size
 
-    def try_acquire(self) -> bool:
+    def admit(self, on_grant) -> str:
+        """Take a free slot ("now"), else a place in line ("queued": ``on_grant()`` is called,
+        holding the slot, when one frees), else "full". One step under the lock: done as two,
+        a slot freed in between would go to nobody while the newcomer waits for it."""
         with self._lock:
-            if self.limit and self.running >= self.limit:
-                return False
-            self.running += 1
-            return True
-
-    def enqueue(self, on_grant) -> bool:
-        """Wait in line; ``on_grant()`` is called, holding the slot, when one frees. False when
-        the line is full."""
-        with self._lock:
-            if len(self._waiting) >= self.queue_size:
-                return False
-            self._waiting.append(on_grant)
-            return True
+            if not self.limit or self.running < self.limit:
+                self.running += 1
+                return "now"
+            if len(self._waiting) < self.queue_size:
+                self._waiting.append(on_grant)
+                return "queued"
+            return "full"
 
     def withdraw(self, on_grant) -> bool:
         """Leave the line; False if the slot was already granted."""
@@ -2499,25 +2496,27 @@ def execute(h: RequestHandler, state: TaskState, caller: Caller, body: bytes | N
 def start_when_admitted(state: TaskState, run: Run, start):
     """Start now if a slot is free; else an async run waits in line (answered ``queued``)
     and a sync request waits for its turn. Refused (429) when the line is full."""
-    if state.slots.try_acquire():
-        state.runs.add(run)
-        start()
-    elif run.task.is_async:
+    if run.task.is_async:
         run.launch = start
         state.runs.add(run)  # before it can be granted, so that its end finds it stored
-        if not state.slots.enqueue(start):
+        admission = state.slots.admit(start)
+        if admission == "full":
             state.runs.discard(run)
             raise too_many_running(run.task)
+        if admission == "now":
+            start()
     else:
         wait_in_line(state, run, start)
 
 
 def wait_in_line(state: TaskState, run: Run, start):
-    """A sync request waits up to queueTimeoutSeconds for a slot, then gets 429."""
+    """A sync request starts now, or waits up to queueTimeoutSeconds for a slot (then 429)."""
     granted = threading.Event()
-    if not state.slots.enqueue(granted.set):
+    admission = state.slots.admit(granted.set)
+    if admission == "full":
         raise too_many_running(state.task)
-    if not granted.wait(state.task.queue_timeout_seconds) and state.slots.withdraw(granted.set):
+    if admission == "queued" and not granted.wait(state.task.queue_timeout_seconds) \
+            and state.slots.withdraw(granted.set):
         raise too_many_running(state.task)
     state.runs.add(run)
     start()
