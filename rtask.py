@@ -337,6 +337,10 @@ def _buckets(value):
     if not isinstance(value, list) or not value:
         raise _Invalid("must be a non-empty array of numbers")
     numbers = [_number_any(v) for v in value]
+    if len(numbers) > 1 and numbers[-1] == math.inf:
+        numbers.pop()  # the +Inf bucket is always there; writing it is allowed
+    if not all(math.isfinite(n) for n in numbers):
+        raise _Invalid("must be finite numbers (the +Inf bucket is always added)")
     if any(b >= a for a, b in zip(numbers[1:], numbers)):
         raise _Invalid("must be strictly increasing")
     return tuple(numbers)

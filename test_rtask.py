@@ -634,6 +634,10 @@ _CK_INVALID = {
                                ["build", "durationHistogramBuckets"]),
     "buckets_decreasing": ('[tasks.build]\ncommand = ["true"]\napiKeyNames = ["ci"]\n'
                            'durationHistogramBuckets = [1, 0.5]\n', ["build", "durationHistogramBuckets"]),
+    "buckets_not_finite": ('[tasks.build]\ncommand = ["true"]\napiKeyNames = ["ci"]\n'
+                           'durationHistogramBuckets = [-inf, 1]\n', ["build", "durationHistogramBuckets"]),
+    "buckets_only_inf": ('[tasks.build]\ncommand = ["true"]\napiKeyNames = ["ci"]\n'
+                         'durationHistogramBuckets = [inf]\n', ["build", "durationHistogramBuckets"]),
     "missing_secret_file": ('[tasks.build]\ncommand = ["true"]\n'
                             'webhookSecretFiles = { gh = "/nonexistent/rtask-secret" }\n',
                             ["build", "webhookSecretFiles"]),
@@ -1477,7 +1481,7 @@ executionTimeoutSeconds = 1
 [tasks.buckets]
 command = ["true"]
 apiKeyNames = ["ci"]
-durationHistogramBuckets = [0.1, 1.0]
+durationHistogramBuckets = [0.1, 1.0, inf]
 """
 
 
@@ -2203,7 +2207,9 @@ def test_custom_duration_buckets_are_used(_hx_shared):
     sh = _hx_shared
     _hx_json(sh.server.post("buckets", key=sh.ci), 200)
     wait_for(lambda: sh.server.metric("task_duration_seconds_count", handler="buckets") == 1, timeout=5)
-    assert _hx_le_values(sh.server.metrics(), "buckets") == {0.1, 1.0, float("inf")}
+    text = sh.server.metrics()
+    assert _hx_le_values(text, "buckets") == {0.1, 1.0, float("inf")}  # a written inf is not doubled
+    assert len(re.findall(r'^task_duration_seconds_bucket\{[^}]*handler="buckets"[^}]*le="\+Inf"', text, re.M)) == 1
     assert sh.server.metric("task_duration_seconds_bucket", handler="buckets", le="+Inf") == 1
 
 
