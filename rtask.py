@@ -8,7 +8,7 @@ stdin, and answers with the exit status and output, or, for async tasks, a task 
 Start (serves the shipped config.toml), and test::
 
     pip install -r requirements.txt && python3 rtask.py add-key ci && python3 rtask.py run
-    pip install -r requirements.txt 'PyJWT[crypto]>=2.8' 'pytest>=7' && python3 -m pytest -q test_rtask.py
+    pip install -r requirements.txt 'PyJWT[crypto]>=2.10.1' 'pytest>=7' && python3 -m pytest -q test_rtask.py
 
 The contract (names, formats, status codes, defaults) is SPEC.md; README.md is the manual.
 The file reads in the order of a request's path: constants → configuration → key store →
@@ -1221,6 +1221,8 @@ class JwtVerifier:
                                 audience=self.spec.audience, issuer=self.spec.issuer,
                                 leeway=self.spec.leeway_seconds,
                                 options={"require": ["exp", "iss", "aud"]})
+            if claims["iss"] != self.spec.issuer:  # PyJWT 2.10.0 matched it as a substring
+                raise jwt.InvalidIssuerError("wrong issuer")
         except (jwt.PyJWTError, ValueError, TypeError) as e:
             reason = "token_expired" if isinstance(e, jwt.ExpiredSignatureError) else "invalid_token"
             raise unauthorized(reason, f"The bearer token is not valid: {_jwt_problem(e)}.") from None
@@ -3418,6 +3420,17 @@ def follow_call(client: CallClient, path: str, body: bytes) -> dict:
     raise CallRefused("the event stream ended without a result")
 
 
+def _positive_number(text: str) -> float:
+    """An argparse type: float() alone would take "nan", "inf" and "-3"."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     def add_globals(p, default):
         p.add_argument("--config", default=default(DEFAULT_CONFIG_PATH), help="config file (default ./config.toml)")
@@ -3455,7 +3468,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--permissions", required=True, help="comma-separated, e.g. tasks:run:deploy,tasks:read")
     token.add_argument("--subject", default="rtask-client")
     token.add_argument("--private-key", default="keys/jwt-private-key.pem")
-    token.add_argument("--expiry-hours", type=float, default=24.0)
+    token.add_argument("--expiry-hours", type=_positive_number, default=24.0)
     token.add_argument("--issuer", default=JwtSpec.issuer)
     token.add_argument("--audience", default=JwtSpec.audience)
     token.add_argument("--kid", help="key id header, for JWKS set-ups")
@@ -3473,7 +3486,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("-", dest="data_file", action="store_const", const="-", help="request body from stdin")
     call.add_argument("--no-wait", action="store_true", help="async task: print the task id and exit")
     call.add_argument("--follow", action="store_true", help="print output live while the task runs")
-    call.add_argument("--timeout", type=float, help="give up after S seconds (exit 124)")
+    call.add_argument("--timeout", type=_positive_number, help="give up after S seconds (exit 124)")
     return parser
 
 

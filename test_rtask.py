@@ -3915,6 +3915,8 @@ _AU_BAD_TOKENS = {
     "expired": (lambda k: _au_token(k["main"], exp=int(time.time()) - 120), "token_expired", "expired"),
     "nbf_in_future": (lambda k: _au_token(k["main"], nbf=int(time.time()) + 300), "invalid_token", "not yet valid"),
     "wrong_issuer": (lambda k: _au_token(k["main"], iss="someone-else"), "invalid_token", "wrong issuer"),
+    # PyJWT 2.10.0 (CVE-2024-53861) accepted any part of the issuer
+    "issuer_substring": (lambda k: _au_token(k["main"], iss=_AU_ISSUER[1:]), "invalid_token", "wrong issuer"),
     "wrong_audience": (lambda k: _au_token(k["main"], aud="other-api"), "invalid_token", "wrong audience"),
     "missing_exp": (lambda k: _au_token(k["main"], exp=None), "invalid_token", "a required claim is missing"),
     "alg_none": (lambda k: _au_segment({"alg": "none", "typ": "JWT"}) + "." + _au_segment(_au_claims()) + ".",
@@ -5412,6 +5414,16 @@ def test_ig_call_unreachable_url_exits_2(tmp_path):
                    env=_ig_call_env("http://192.0.2.1:1", RTASK_AUTH_TOKEN="x"), cwd=tmp_path, timeout=20)
     assert out.returncode == 2, out
     assert f"127.0.0.1:{port}".encode() in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-3", "0", "soon"])
+@pytest.mark.parametrize("command", [("call", "x", "--timeout"), ("generate-token", "--permissions", "tasks:run",
+                                                                  "--expiry-hours")])
+def test_ig_numbers_on_the_command_line_must_be_positive_and_finite(tmp_path, command, value):
+    out = rtask_cli(*command, value, cwd=tmp_path)
+    assert out.returncode == 2, out
+    assert f"argument {command[-1]}: {value!r} is not a positive number" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""
 
 
 # =============================================================================================
