@@ -2586,7 +2586,7 @@ def task_summary(task: TaskSpec) -> dict:
     return {"name": task.name, "async": task.is_async, "rateLimit": task.rate_limit,
             "maxConcurrentTasks": task.max_concurrent, "queueSize": task.queue_size,
             "maxInputBytes": task.max_input_bytes, "maxOutputBytes": task.max_output_bytes,
-            "executionTimeoutSeconds": task.timeout_seconds}
+            "executionTimeoutSeconds": task.timeout_seconds, "queueTimeoutSeconds": task.queue_timeout_seconds}
 
 
 def list_runs(h: RequestHandler, name: str):
@@ -3246,7 +3246,13 @@ def cmd_validate_token(args) -> int:
         return 1
     claims = jwt.decode(args.token, options={"verify_signature": False})
     print(f"valid token for subject {caller.name!r}")
-    print(f"expires: {_rfc3339(claims['exp'])}")
+    print(f"issuer: {claims['iss']}")
+    audience = claims["aud"]
+    print(f"audience: {', '.join(audience) if isinstance(audience, list) else audience}")
+    for claim, label in (("iat", "issued"), ("nbf", "not before"), ("exp", "expires")):
+        if claim in claims:
+            print(f"{label}: {_rfc3339(claims[claim])}")
+    print("permissions:")
     for permission in sorted(caller.grants):
         print(f"  {permission}{'' if is_known_permission(permission) else '   (unknown permission)'}")
     return 0

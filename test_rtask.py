@@ -484,7 +484,8 @@ def test_log_level_default_info_has_no_debug_lines_and_no_output(start_server):
     assert "OUTPUT-MARKER-4711" not in log_text, log_text  # command output only at debug
 
 
-def test_log_level_error_hides_info_lines(tmp_path):
+@pytest.mark.parametrize("level", ["error", "warning", "warn"])
+def test_log_level_error_or_warning_hides_info_lines(tmp_path, level):
     _ck_write(tmp_path, _CK_TASK)
     port = _ck_free_port()
 
@@ -498,11 +499,13 @@ def test_log_level_error_hides_info_lines(tmp_path):
 
     code, output = _ck_run_briefly(tmp_path, "run", "--api-address", f"127.0.0.1:{port}",
                                    "--metrics-address", "127.0.0.1:0",
-                                   env=_ck_env(RTASK_LOG="error"), ready=up)
+                                   env=_ck_env(RTASK_LOG=level), ready=up)
     assert code == 0, output
     assert not _ck_listening(output), output  # the info line "listening" is below the level
     assert not re.search(r"\binfo\b", output, re.I), output
-    assert "add-key ci" not in output, output  # so is the warning about the missing key
+    # the warning about the missing key is below "error" only; no level is reported unknown
+    assert ("add-key ci" in output) == (level != "error"), output
+    assert "RTASK_LOG" not in output, output
 
 
 @pytest.mark.parametrize("variable", [
@@ -598,6 +601,20 @@ def test_default_max_input_bytes_is_16384(start_server):
     assert ok.status == 200 and ok.json["stdout"].strip() == "16384", ok
     too_big = server.post("eat", b"a" * 16385, key=tokens["ci"])
     assert too_big.status == 413 and too_big.json["error"] == "payload_too_large", too_big
+
+
+def test_defaults_of_limits_timings_and_listen_addresses(start_server):
+    """SPEC §2/§3 defaults, as a running server reports them (GET /tasks and GET /config)."""
+    server, tokens = start_server(_CK_TASK + '[auth]\nconfigEndpointEnabled = true\n'
+                                  '[auth.keyPermissions]\nci = ["system:config_read"]\n')
+    listed = server.get("/tasks", key=tokens["ci"]).json["tasks"]
+    assert listed == [{"name": "build", "async": False, "rateLimit": 0.0, "maxConcurrentTasks": 0, "queueSize": 0,
+                       "maxInputBytes": 16384, "maxOutputBytes": 16384, "executionTimeoutSeconds": 30.0,
+                       "queueTimeoutSeconds": 30.0}], listed
+    shown = server.get("/config", key=tokens["ci"]).json["tasks"]["build"]
+    assert shown["asyncResultRetentionSeconds"] == 60.0, shown
+    args = rtask.build_parser().parse_args(["run"])
+    assert (args.api_address, args.metrics_address) == ("localhost:8800", "localhost:9090")
 
 
 def test_default_rate_limit_is_unlimited(start_server):
@@ -4081,6 +4098,33 @@ def _au_without_pyjwt(*argv, cwd):
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
+def test_without_pyjwt_a_key_only_server_serves_everything_else(tmp_path):
+    """SPEC §1: PyJWT is optional; without it, keys, webhooks, health and metrics all work."""
+    blocked = tmp_path / "no-pyjwt"
+    for package in ("jwt", "cryptography"):
+        (blocked / package).mkdir(parents=True)
+        (blocked / package / "__init__.py").write_text(f"raise ImportError('no {package} here')\n")
+    env = {**os.environ, "PYTHONPATH": str(blocked)}
+    probe = subprocess.run([sys.executable, "-c", "import jwt"], env=env, capture_output=True, text=True)
+    assert probe.returncode == 1 and "no jwt here" in probe.stderr, probe
+    (tmp_path / "config.toml").write_text(
+        '[tasks.hello]\ncommand = ["echo", "hi"]\napiKeyNames = ["ci"]\nwebhookSecrets = { ci_hook = "'
+        + "h" * 40 + '" }\n[auth.keyPermissions]\nci = ["tasks:list"]\n')
+    added = rtask_cli("add-key", "ci", cwd=tmp_path, env=env)
+    assert added.returncode == 0, added
+    key = added.stdout.split("API-KEY: ")[1].strip()
+    server = Server(tmp_path, {"PYTHONPATH": str(blocked)})
+    try:
+        _au_ok(server.post("hello", key=key), "hi\n")
+        _au_ok(server.request("POST", "/wh/" + "h" * 40), "hi\n")
+        assert [t["name"] for t in server.get("/tasks", key=key).json["tasks"]] == ["hello"]
+        assert server.get("/health/ready").json == {"status": "ready"}
+        assert server.metric("task_duration_seconds_count", handler="hello", api_key_used="ci", status="success") == 1
+    finally:
+        server.stop()
+    assert rtask_cli("check-config", cwd=tmp_path, env=env).returncode == 0
+
+
 def test_jwt_config_without_pyjwt_fails_check_config_like_run(tmp_path, au_keys):
     (tmp_path / "pub.pem").write_text(au_keys["main"].public_pem)
     (tmp_path / "config.toml").write_text(_au_jwt_config('publicKeyPath = "pub.pem"'))
@@ -4130,6 +4174,36 @@ def test_jwks_token_with_served_kid_is_accepted(start_server, au_keys):
         forged = _au_token(au_keys["other"], kid="k-main")
         _au_assert_error(server.post("hello", headers=_au_bearer(forged)), 401, "unauthorized",
                          "The bearer token is not valid: bad signature.", token=forged)
+    finally:
+        idp.stop()
+
+
+class _AuEc:
+    """An EC P-256 key pair for ES256 tokens, served in a JWKS like _AuRsa."""
+
+    def __init__(self, kid: str):
+        from cryptography.hazmat.primitives.asymmetric import ec
+        self.kid = kid
+        self.private = ec.generate_private_key(ec.SECP256R1())
+
+    def jwk(self) -> dict:
+        entry = jwt.algorithms.ECAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
+        return {**entry, "kid": self.kid, "use": "sig"}
+
+
+def test_jwks_tokens_of_every_configured_algorithm_are_accepted(start_server, au_keys):
+    """SPEC §9: allowedAlgorithms may name RS384/512, PS256/384/512, ES256/384 besides RS256."""
+    ec_key = _AuEc("k-ec")
+    idp = _AuJwks([au_keys["main"], ec_key])
+    try:
+        server, _ = start_server(_au_jwks_config(idp.url, 'allowedAlgorithms = ["ES256", "PS256", "RS384"]'),
+                                 keys=(), env=_AU_ENV)
+        for alg, key in (("ES256", ec_key), ("PS256", au_keys["main"]), ("RS384", au_keys["main"])):
+            token = _au_token(key, kid=key.kid, alg=alg, sub=f"by-{alg}")
+            _au_ok(server.post("hello", headers=_au_bearer(token)), f"by-{alg}")
+        refused = _au_token(au_keys["main"], kid="k-main")  # RS256: not in this list
+        _au_assert_error(server.post("hello", headers=_au_bearer(refused)), 401, "unauthorized",
+                         "The bearer token is not valid: algorithm not allowed.", token=refused)
     finally:
         idp.stop()
 
@@ -4562,6 +4636,8 @@ def test_validate_token_shows_subject_expiry_and_permissions(au_generated, au_ke
     expiry = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(exp))
     assert "valid token for subject 'checker'" in out.stdout, out.stdout
     assert re.search(rf"expires: {expiry}(\.0+)?Z", out.stdout), out.stdout
+    assert re.search(r"^issuer: rtask$", out.stdout, re.M) and re.search(r"^audience: rtask-api$", out.stdout, re.M)
+    assert re.search(r"^issued: \d{4}-\d\d-\d\dT", out.stdout, re.M), out.stdout
     assert re.search(r"^\s+tasks:run:hello$", out.stdout, re.M), out.stdout
     # a token from elsewhere with an unknown permission is shown, the permission marked
     private = serialization.load_pem_private_key((key_dir / "jwt-private-key.pem").read_bytes(), None)
@@ -4694,6 +4770,7 @@ _IG_GH_SECRET = "ig-github-" + secrets.token_hex(16)
 _IG_GH_PUSH_SECRET = "ig-github-push-" + secrets.token_hex(16)
 _IG_GL_SECRET = "ig-gitlab-" + secrets.token_hex(16)
 _IG_HM_SECRET = "ig-hmac-" + secrets.token_hex(16)
+_IG_HM_DEFAULT_SECRET = "ig-hmac-default-" + secrets.token_hex(16)
 _IG_FILE_SECRET = "ig-file-" + secrets.token_hex(16)
 _IG_CAP_SECRET = "ig-cap-" + secrets.token_hex(16)
 _IG_RATE_SECRET = "ig-rate-" + secrets.token_hex(16)
@@ -4735,6 +4812,12 @@ def _ig_hooks_config() -> str:
         provider = "hmac-sha256"
         secret = "{_IG_HM_SECRET}"
         signatureHeader = "X-Sig"
+
+        [tasks.ig_hm_default]
+        {common}
+        [tasks.ig_hm_default.signedWebhook]
+        provider = "hmac-sha256"
+        secret = "{_IG_HM_DEFAULT_SECRET}"
 
         [tasks.ig_file]
         {common}
@@ -4934,6 +5017,14 @@ def test_ig_hmac_sha256_provider_with_custom_header(_ig_hooks, prefix):
         _ig_error(_ig_hook(_ig_hooks, "ig_hm", body, headers), 401, "unauthorized")
     time.sleep(0.2)
     assert _ig_runs(_ig_hooks.dir, "ig_hm") == before + 1
+
+
+def test_ig_hmac_sha256_provider_default_header_is_x_signature_256(_ig_hooks):
+    body = b"payload-default-header"
+    digest = hmac.new(_IG_HM_DEFAULT_SECRET.encode(), body, hashlib.sha256).hexdigest()
+    _ig_error(_ig_hook(_ig_hooks, "ig_hm_default", body, {"X-Sig": digest}), 401, "unauthorized")
+    resp = _ig_hook(_ig_hooks, "ig_hm_default", body, {"X-Signature-256": "sha256=" + digest})
+    _ig_success(resp, f"body={body.decode()};gh=;gl=;caller=hmac-sha256\n")
 
 
 def test_ig_secret_file_is_trimmed(_ig_hooks):
