@@ -1616,6 +1616,7 @@ class Executor:
         self._children: set[_Child] = set()
         self._doomed: set[Run] = set()  # cancelled while their process was being spawned
         self.running = 0  # processes started and not yet ended (any thread may read it)
+        self.pending_kills = 0  # process groups sent SIGTERM whose SIGKILL is still to come
         self._count_lock = threading.Lock()
         threading.Thread(target=self._loop, name="rtask-reactor", daemon=True).start()
 
@@ -1829,10 +1830,17 @@ class Executor:
         pgid = child.proc.pid  # start_new_session: the child leads its own group
         _killpg(pgid, signal.SIGTERM)
         # Not in child.timers: the KILL must still come after the run has ended, for the
-        # grandchildren that ignored the TERM.
-        self._after(KILL_GRACE_SECONDS, lambda: _killpg(pgid, signal.SIGKILL))
+        # grandchildren that ignored the TERM (and a drain waits for it: pending_kills).
+        with self._count_lock:
+            self.pending_kills += 1
+        self._after(KILL_GRACE_SECONDS, lambda: self._kill_group(pgid))
         if child.exited:  # cancelled while daemons held its pipes: it ends now, they go too
             self._end(child)
+
+    def _kill_group(self, pgid: int):
+        _killpg(pgid, signal.SIGKILL)
+        with self._count_lock:
+            self.pending_kills -= 1
 
     def _close_stream(self, child: _Child, fd: int):
         self._selector.unregister(fd)
@@ -2027,7 +2035,7 @@ class App:
 
     def busy(self) -> bool:
         """Anything still to finish before the process may exit?"""
-        return bool(self.inflight or self.executor.running or
+        return bool(self.inflight or self.executor.running or self.executor.pending_kills or
                     any(s.slots.queued for s in self.tasks.values()))
 
     def launch(self, state: TaskState, run: Run, body: bytes, env: dict[str, str]):
@@ -2169,9 +2177,26 @@ class RequestHandler(BaseHTTPRequestHandler):
         return Reject(400, "bad_request", f"The request was not sent within {REQUEST_READ_TIMEOUT:g} seconds.",
                       r.reason)
 
-    def _wants_body(self) -> bool:
-        return self.headers.get("content-length") not in (None, "0") or \
-            self.headers.get("transfer-encoding") is not None
+    def _read_framing(self):
+        """How the body is delimited, from Content-Length and Transfer-Encoding, decided once
+        for every request. Ambiguous framing is how requests are smuggled past a proxy, so it
+        is never guessed at: ``framing_error`` is raised by read_body, and a route that does
+        not read the body closes the connection instead of draining it (discard_body)."""
+        lengths = self.headers.get_all("content-length")
+        encodings = self.headers.get_all("transfer-encoding")
+        self.chunked, self.body_length, self.framing_error = bool(encodings), 0, None
+        if encodings and (len(encodings) > 1 or encodings[0].lower() != "chunked"):
+            self.framing_error = Reject(400, "bad_request", "Only chunked transfer encoding is supported.",
+                                        "invalid_content")
+        elif len(set(lengths)) > 1 or (encodings and lengths):
+            self.framing_error = Reject(400, "bad_request", "The body's length is given ambiguously.",
+                                        "invalid_content")
+        elif lengths and not _is_decimal(lengths[0]):
+            self.framing_error = Reject(400, "bad_request", "Content-Length is not a number.", "invalid_content")
+        elif lengths:
+            digits = lengths[0].lstrip("0")
+            self.body_length = int(digits or "0") if len(digits) <= 18 else 10 ** 18  # int() refuses 4300+ digits
+        self.body_pending = bool(self.chunked or self.body_length or self.framing_error)
 
     def _parse_head(self, line: bytes):
         if len(line) > MAX_REQUEST_LINE:
@@ -2190,50 +2215,46 @@ class RequestHandler(BaseHTTPRequestHandler):
                 break
             if not raw:
                 raise Reject(400, "bad_request", "The request headers are incomplete.")
-            name, sep, value = raw.decode("latin-1").partition(":")
-            if not sep or not name or name != name.strip():
+            name, sep, value = raw.decode("latin-1").removesuffix("\n").removesuffix("\r").partition(":")
+            # A header name is a token; a bare CR or a NUL is a line end to some parsers and
+            # must not mean something else here (and a NUL cannot go into an environment).
+            if not sep or not _HEADER_NAME.fullmatch(name) or "\r" in value or "\0" in value:
                 raise Reject(400, "bad_request", "A request header is malformed.")
-            self.headers.add(name, value.strip())
+            self.headers.add(name, value.strip(" \t"))
         else:
             raise Reject(431, "bad_request", "Too many request headers.")
         connection = (self.headers.get("connection") or "").lower()
         self.close_connection = connection == "close" or (
             self.request_version == "HTTP/1.0" and connection != "keep-alive")
-        if "://" in target:  # absolute form: http://host/path
+        if target[:8].lower().startswith(("http://", "https://")):  # absolute form: http://host/path
             target = "/" + target.split("://", 1)[1].partition("/")[2]
         path, _, query = target.partition("?")
         if not path.startswith("/"):  # "*" (OPTIONS), "host:port" (CONNECT) or garbage
             raise Reject(400, "bad_request", "The request target must be a path.")
         try:
+            if not path.isascii():  # raw bytes, read as latin-1 above: must be UTF-8 like %XX
+                path = path.encode("latin-1").decode("utf-8")
             self.path = unquote(path, errors="strict") if "%" in path else path
         except UnicodeDecodeError:
             raise Reject(400, "bad_request", "The request path is not valid UTF-8.") from None
         self.query = parse_qs(query) if query else {}
-        self.body_pending = self._wants_body()
+        self._read_framing()
 
     # -- body ---------------------------------------------------------------------------------
 
     def read_body(self, limit: int) -> bytes:
         """The request body, at most ``limit`` bytes: Reject 413 when larger, 400 when not
         readable as framed. Honours ``Expect: 100-continue`` once the checks have passed."""
-        length = self.headers.get("content-length")
-        chunked = (self.headers.get("transfer-encoding") or "").lower()
-        if chunked and chunked != "chunked":
-            raise Reject(400, "bad_request", "Only chunked transfer encoding is supported.", "invalid_content")
-        if len(set(self.headers.get_all("content-length"))) > 1 or (chunked and length is not None):
-            # Ambiguous framing is how requests are smuggled past a proxy: refuse it.
+        if self.framing_error:
             self.close_connection = True
-            raise Reject(400, "bad_request", "The body's length is given ambiguously.", "invalid_content")
-        if length is not None and not chunked:
-            if not _is_decimal(length):
-                raise Reject(400, "bad_request", "Content-Length is not a number.", "invalid_content")
-            if int(length) > limit:
-                raise Reject(413, "payload_too_large", f"The body is larger than {limit} bytes.", "input_too_large")
-        if (self.headers.get("expect") or "").lower() == "100-continue":
+            raise self.framing_error
+        if self.body_length > limit:
+            raise Reject(413, "payload_too_large", f"The body is larger than {limit} bytes.", "input_too_large")
+        if self._expects_continue():
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._arm_request_read()
         try:
-            body = self._read_chunked(limit) if chunked else self._read_exact(int(length or 0))
+            body = self._read_chunked(limit) if self.chunked else self._read_exact(self.body_length)
         except Reject as r:
             raise self._explain_late(r) from None
         finally:
@@ -2252,7 +2273,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         body = bytearray()
         try:
             while True:
-                size_field = self.rfile.readline(1024).split(b";", 1)[0].rstrip(b"\r\n")
+                size_field = self._read_line(1024).split(b";", 1)[0]
                 if not re.fullmatch(rb"[0-9A-Fa-f]{1,16}[ \t]*", size_field):
                     raise ValueError  # int(..., 16) would also take "0x5", "+5", "5_0"
                 size = int(size_field, 16)
@@ -2265,12 +2286,24 @@ class RequestHandler(BaseHTTPRequestHandler):
                 if self.rfile.readline(3) not in (b"\r\n", b"\n"):
                     raise ValueError
             for _ in range(MAX_HEADERS):  # trailers, ignored
-                if self.rfile.readline(MAX_HEADER_LINE) in (b"\r\n", b"\n", b""):
+                if not self._read_line(MAX_HEADER_LINE):
                     return bytes(body)
         except ValueError:
             pass
         self.close_connection = True
         raise Reject(400, "bad_request", "The chunked body is malformed.", "invalid_content")
+
+    def _read_line(self, limit: int) -> bytes:
+        """One line of a chunked body without its line end; ValueError when the line is longer
+        than ``limit`` or the input ends before its line end (a cut-off body is not a body)."""
+        line = self.rfile.readline(limit + 2)
+        if not line.endswith(b"\n"):
+            raise ValueError
+        return line.rstrip(b"\r\n")
+
+    def _expects_continue(self) -> bool:
+        """``Expect: 100-continue`` from an HTTP/1.1 client (1.0 clients do not know 100)."""
+        return self.request_version == "HTTP/1.1" and (self.headers.get("expect") or "").lower() == "100-continue"
 
     def discard_body(self):
         """Before answering a request whose body was never read: drain a small body so the
@@ -2278,13 +2311,11 @@ class RequestHandler(BaseHTTPRequestHandler):
         if not self.body_pending:
             return
         self.body_pending = False
-        length = self.headers.get("content-length") or ""
-        expect = (self.headers.get("expect") or "").lower() == "100-continue"
-        if _is_decimal(length) and int(length) <= DISCARD_BODY_LIMIT and not expect \
-                and not self.headers.get("transfer-encoding"):
+        if not (self.framing_error or self.chunked or self._expects_continue()) \
+                and self.body_length <= DISCARD_BODY_LIMIT:
             self._arm_request_read()
             try:
-                self._read_exact(int(length))
+                self._read_exact(self.body_length)
                 return
             except Reject:
                 pass
@@ -2317,6 +2348,9 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         log.debug(format % args)
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 def _is_decimal(text: str) -> bool:
@@ -2543,7 +2577,7 @@ def get_result(h: RequestHandler, name: str, run_id: str):
     if wait:
         try:
             seconds = float(wait[0])
-            if not math.isfinite(seconds):
+            if not math.isfinite(seconds) or "_" in wait[0]:  # float() also takes "1_0"
                 raise ValueError
         except ValueError:
             raise Reject(400, "bad_request", "wait must be a number of seconds.") from None
@@ -3106,7 +3140,7 @@ def drain(server: Server, app: App):
         log.warning("stopping the runs still going at the drain deadline")
         app.executor.stop_all()
         deadline = time.monotonic() + KILL_GRACE_SECONDS + 1
-        while app.executor.running and time.monotonic() < deadline:
+        while (app.executor.running or app.executor.pending_kills) and time.monotonic() < deadline:
             time.sleep(0.05)
     log.info("stopped")
 

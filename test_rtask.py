@@ -36,6 +36,7 @@ import time
 import tomllib
 import types
 import uuid
+import urllib.parse
 import warnings
 from pathlib import Path
 
@@ -6745,3 +6746,160 @@ def test_busy_metrics_port_is_named_in_the_error(tmp_path):
         out = rtask_cli("run", "--api-address", "127.0.0.1:0", "--metrics-address", f"127.0.0.1:{port}",
                         cwd=tmp_path, timeout=20)
     assert out.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in out.stderr, out.stderr
+
+
+def test_drain_waits_for_the_kill_of_a_grandchild_that_ignores_sigterm(start_server, tmp_path):
+    """A run that timed out ended when its direct child died; a grandchild that ignores TERM
+    must still get its KILL 2 s later, even when SIGTERM asked the server to stop meanwhile."""
+    tag = f"rtask-drain-gc-{secrets.token_hex(4)}"
+    grandchild = tmp_path / "grandchild.pid"
+    server, keys = start_server(f'''
+        [tasks.stubborn]
+        command = ["sh", "-c", "sh -c 'trap \\"\\" TERM; echo $$ > {grandchild}; while :; do sleep 1; done' {tag} & sleep 300"]
+        apiKeyNames = ["ci"]
+        async = true
+        executionTimeoutSeconds = 1
+        ''')
+    run_id = server.post("stubborn", key=keys["ci"]).json["task_id"]
+    pid = int(wait_for(lambda: grandchild.exists() and grandchild.read_text().strip(), timeout=5))
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(15) == 0
+    assert "status=timeout" in server.log() and run_id in server.log()
+    assert not pid_alive(pid), "the grandchild outlived the server"
+    assert _rv_task_processes(tag) == []
+
+
+# =============================================================================================
+# Request framing and header hygiene: no request can hide inside another (smuggling)
+# =============================================================================================
+
+_SM_WH_SECRET = "sm-wh-\u00fc\u00f1\u00ef-" + secrets.token_hex(8)  # non-ASCII: sent as raw UTF-8 too
+
+
+@pytest.fixture(scope="module")
+def _sm(tmp_path_factory):
+    """One server: task ``echo`` (async=false) records each run in runs.log and prints stdin
+    and its X-Note header; ``hook`` is reachable by a webhook secret with non-ASCII letters."""
+    d = tmp_path_factory.mktemp("sm")
+    runs = d / "runs.log"
+    (d / "config.toml").write_text(f'''
+[tasks.echo]
+command = ["sh", "-c", "echo run >> {runs}; printf 'note=%s;' \\"$REQUEST_HEADER_X_NOTE\\"; cat"]
+apiKeyNames = ["ci"]
+passRequestHeaders = ["X-Note"]
+
+[tasks.hook]
+command = ["echo", "hooked"]
+webhookSecrets = {{ sender = {json.dumps(_SM_WH_SECRET)} }}
+''')
+    key = new_key(d, "ci")
+    server = Server(d)
+    try:
+        yield types.SimpleNamespace(server=server, key=key, runs=runs)
+    finally:
+        server.stop()
+
+
+def _sm_runs(sm) -> int:
+    return len(sm.runs.read_text().splitlines()) if sm.runs.exists() else 0
+
+
+def _sm_statuses(raw: bytes) -> list[int]:
+    """The status of every response in what the server sent on one connection."""
+    return [int(m) for m in re.findall(rb"(?:^|\r\n\r\n|\})HTTP/1\.1 (\d{3}) ", raw)]
+
+
+_SM_SMUGGLED = b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def test_two_content_lengths_on_a_route_without_a_body_hide_no_request(_sm):
+    raw = _sm.server.raw(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: "
+                         + str(len(_SM_SMUGGLED)).encode() + b"\r\n\r\n" + _SM_SMUGGLED, read_timeout=3)
+    assert _sm_statuses(raw) == [200] and b'"alive"' not in raw, raw  # answered, then closed
+
+
+@pytest.mark.parametrize("framing", [
+    b"Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n",  # a proxy sees "chunked, identity"
+    b"Content-Length: 5\r\nContent-Length: 6\r\n",
+], ids=["two-transfer-encodings", "two-content-lengths"])
+def test_ambiguous_framing_on_a_task_is_400_and_nothing_runs(_sm, framing):
+    before = _sm_runs(_sm)
+    raw = _sm.server.raw(b"POST /tasks/echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + _sm.key.encode()
+                         + b"\r\n" + framing + b"\r\n5\r\nhello\r\n0\r\n\r\n" + _SM_SMUGGLED, read_timeout=3)
+    assert _sm_statuses(raw) == [400], raw
+    assert _sm_runs(_sm) == before
+
+
+def test_a_chunk_size_line_longer_than_its_limit_hides_no_request(_sm):
+    """Cut at a fixed length, the rest of a long chunk-extension line would be read as data."""
+    tail = b"0\r\nT: a\r\n2a\r\n\r\n" + _SM_SMUGGLED + b"\r\n0\r\n\r\n"
+    before = _sm_runs(_sm)
+    raw = _sm.server.raw(b"POST /tasks/echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + _sm.key.encode()
+                         + b"\r\nTransfer-Encoding: chunked\r\n\r\n7;" + b"a" * 1022 + b"XXXXXXX\r\n" + tail,
+                         read_timeout=3)
+    assert _sm_statuses(raw) == [400], raw
+    assert _sm_runs(_sm) == before
+
+
+@pytest.mark.parametrize("cut", [b"0\r\nX-Partial-Trail", b"0\r\n"], ids=["in-a-trailer", "before-the-end"])
+def test_a_chunked_body_cut_off_in_its_trailers_never_runs(_sm, cut):
+    before = _sm_runs(_sm)
+    r = _hx_raw(_sm.server, b"POST /tasks/echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + _sm.key.encode()
+                + b"\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nrm -\r\n" + cut, shut_wr=True)
+    _hx_error(r, 400, "bad_request")
+    assert _sm_runs(_sm) == before
+
+
+def test_a_content_length_of_thousands_of_digits_is_413_not_500(_sm):
+    huge = b"9" * 5000
+    r = _hx_raw(_sm.server, b"POST /tasks/echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + _sm.key.encode()
+                + b"\r\nContent-Length: " + huge + b"\r\n\r\n")
+    _hx_error(r, 413, "payload_too_large")
+    raw = _sm.server.raw(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: " + huge + b"\r\n\r\n", read_timeout=3)
+    assert _sm_statuses(raw) == [200], raw
+    assert "internal error" not in _sm.server.log()
+
+
+def test_a_url_in_the_query_does_not_change_the_path(_sm):
+    r = _sm.server.request("POST", "/wh/" + urllib.parse.quote(_SM_WH_SECRET) + "?src=https://ci.example.com/job/1")
+    assert r.status == 200 and r.json["stdout"] == "hooked\n", r
+    r = _sm.server.get("/health?x=http://h/tasks/echo")
+    assert (r.status, r.json) == (200, {"status": "healthy"}), r
+    # the absolute form itself still works
+    r = _hx_raw(_sm.server, b"GET http://127.0.0.1/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (r.status, r.json) == (200, {"status": "alive"}), r
+
+
+@pytest.mark.parametrize("header", [b"X-Note: a\x00b", b"X-Note: a\rb", b"Foo\rTransfer-Encoding: chunked",
+                                    b"X Note: a", b"X-Note\x00: a"],
+                         ids=["nul-in-value", "cr-in-value", "cr-in-name", "space-in-name", "nul-in-name"])
+def test_control_characters_in_a_header_are_400_before_anything_runs(_sm, header):
+    before = _sm_runs(_sm)
+    r = _hx_raw(_sm.server, b"POST /tasks/echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + _sm.key.encode()
+                + b"\r\n" + header + b"\r\nContent-Length: 0\r\n\r\n")
+    assert (r.status, r.json["message"]) == (400, "A request header is malformed."), r
+    assert _sm_runs(_sm) == before
+
+
+def test_a_passed_header_arrives_in_the_environment(_sm):
+    r = _sm.server.post("echo", b"body", key=_sm.key, headers={"X-Note": "tab\there"})
+    assert r.status == 200 and r.json["stdout"] == "note=tab\there;body", r
+
+
+def test_raw_utf8_in_the_path_is_read_like_percent_encoding(_sm):
+    r = _hx_raw(_sm.server, b"POST /wh/" + _SM_WH_SECRET.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    assert r.status == 200 and r.json["stdout"] == "hooked\n", r
+    r = _hx_raw(_sm.server, b"GET /tasks/\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (r.status, r.json["message"]) == (400, "The request path is not valid UTF-8."), r
+
+
+def test_wait_with_an_underscore_is_not_a_number(_sm):
+    run_id = _sm.server.post("echo", key=_sm.key).json["task_id"]
+    r = _sm.server.get(f"/tasks/echo/{run_id}?wait=1_0", key=_sm.key)
+    assert (r.status, r.json["message"]) == (400, "wait must be a number of seconds."), r
+
+
+def test_http_1_0_client_gets_no_100_continue(_sm):
+    raw = _sm.server.raw(b"POST /tasks/echo HTTP/1.0\r\nAuthorization: Bearer " + _sm.key.encode()
+                         + b"\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi", read_timeout=5)
+    assert raw.startswith(b"HTTP/1.1 200 ") and b"100 Continue" not in raw, raw
