@@ -62,6 +62,7 @@ DEFAULT_API_ADDRESS = "localhost:8800"
 DEFAULT_METRICS_ADDRESS = "localhost:9090"
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")  # task names and key names
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP token (RFC 9110)
 TASK_ID_RE = re.compile(r"[a-z2-7]{16}")
 
 # Permissions (SPEC §9): a task-scoped permission is "tasks:<action>" or "tasks:<action>:<task>".
@@ -177,8 +178,7 @@ class TaskSpec:
     @functools.cached_property
     def env_names(self) -> dict[str, str]:
         """Lower-cased header name → environment variable name, for passRequestHeaders."""
-        return {h.lower(): "REQUEST_HEADER_" + re.sub(r"[^A-Za-z0-9_]", "_", h).upper()
-                for h in self.pass_request_headers}
+        return {h.lower(): _header_env_name(h) for h in self.pass_request_headers}
 
     @functools.cached_property
     def base_environment(self) -> dict[str, str]:
@@ -325,12 +325,27 @@ def _environment(value):
     return tuple(table.items())
 
 
+def _header_name(value):
+    if not isinstance(value, str) or not _HEADER_NAME.fullmatch(value):
+        raise _Invalid(f"must be a header name (letters, digits and !#$%&'*+.^_`|~-), not {value!r}")
+    return value
+
+
 def _header_names(value):
     names = _string_list(value)
-    bad = [n for n in names if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", n)]
+    bad = [n for n in names if not _HEADER_NAME.fullmatch(n)]
     if bad:
         raise _Invalid(f"has an invalid header name: {bad[0]!r}")
+    seen = {}
+    for name in names:
+        other = seen.setdefault(_header_env_name(name), name)
+        if other != name:
+            raise _Invalid(f"has {other!r} and {name!r}, which both become {_header_env_name(name)}")
     return names
+
+
+def _header_env_name(header: str) -> str:
+    return "REQUEST_HEADER_" + re.sub(r"[^A-Za-z0-9_]", "_", header).upper()
 
 
 def _buckets(value):
@@ -525,7 +540,7 @@ _SIGNED_WEBHOOK_OPTIONS = {
     "secret": ("secret", _string),
     "secretFile": ("secret_file", _string),
     "events": ("events", _string_list),
-    "signatureHeader": ("signature_header", _string),
+    "signatureHeader": ("signature_header", _header_name),
 }
 SIGNED_WEBHOOK_PROVIDERS = ("github", "gitlab", "hmac-sha256")
 
@@ -582,7 +597,7 @@ def _http_url(value):
 
 
 _AUTH_OPTIONS = {
-    "apiKeyHeader": ("api_key_header", _string),
+    "apiKeyHeader": ("api_key_header", _header_name),
     "strictValidation": ("strict_validation", _bool),
     "logUnknownPermissions": ("log_unknown_permissions", _bool),
     "configEndpointEnabled": ("config_endpoint_enabled", _bool),
@@ -639,6 +654,7 @@ def _parse_auth(path, base_dir, table, problems: Problems) -> AuthSpec:
     key_permissions = []
     for key_name, value in grants.items():
         try:
+            _names([key_name])
             key_permissions.append((key_name, _permission_list(value)))
         except _Invalid as e:
             problems.errors.append(f"{where}: keyPermissions entry {key_name!r} {e}")
@@ -832,7 +848,8 @@ def decode_stored_key(name: str, text: str) -> StoredKey:
     f = _decode_int_map(text, {1: int, 2: bytes, 3: int, 4: int, 5: int, 6: bytes})
     key = StoredKey(name, f[1], f[2], f[3], f[4], f[5], f[6])
     if not (1 <= key.time <= 100 and 1 <= key.memory_mib <= 4096 and 1 <= key.threads <= 255
-            and len(key.hash) >= 4 and len(key.salt) >= 8):
+            and len(key.hash) >= 4 and len(key.salt) >= 8
+            and key.memory_mib * 1024 >= 8 * key.threads):  # Argon2 needs 8 KiB per lane
         raise ValueError("Argon2 parameters out of range")
     return key
 
@@ -881,7 +898,11 @@ def parse_key_file(path: str) -> dict[str, StoredKey]:
 
 
 def _toml_key(name: str) -> str:
-    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name)
+    """A bare key, or a basic string. ensure_ascii=False: json's surrogate pairs for characters
+    beyond U+FFFF are not valid TOML escapes. DEL is the one control json leaves raw."""
+    if re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        return name
+    return json.dumps(name, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def write_key_file(path: str, keys: dict[str, StoredKey]):
@@ -937,10 +958,17 @@ class KeyFileLock:
         os.close(self.fd)
 
 
+def _real_path(keys_path: str) -> str:
+    """A keys.toml that is a symlink is updated where it points (and locked there), so that
+    the link and its target never part ways and writers through either path exclude each other."""
+    return os.path.realpath(keys_path)
+
+
 def add_key(keys_path: str, name: str) -> str:
     """Create key ``name`` with the lowest free id; return the token to show once."""
     if not NAME_RE.fullmatch(name):
         raise ConfigError(f"key name {name!r} may only use letters, digits, '_', '.', '-'")
+    keys_path = _real_path(keys_path)
     with KeyFileLock(keys_path):
         keys = parse_key_file(keys_path)
         if name in keys:
@@ -956,6 +984,7 @@ def add_key(keys_path: str, name: str) -> str:
 
 
 def remove_key(keys_path: str, name: str):
+    keys_path = _real_path(keys_path)
     with KeyFileLock(keys_path):
         keys = parse_key_file(keys_path)
         if name not in keys:
@@ -1999,6 +2028,7 @@ class App:
         self.metrics = metrics
         self.auth = Authenticator(config, keyring, metrics)
         self.tasks = {name: TaskState(task) for name, task in config.tasks.items()}
+        self._dropped: dict[str, TaskState] = {}  # states of tasks a reload removed
         self.webhooks = config.webhook_index()
         self.executor = Executor()
         self.started = time.monotonic()
@@ -2020,9 +2050,13 @@ class App:
         failure leaves the old configuration in force; running executions are untouched."""
         auth = Authenticator(config, self.keyring, self.metrics)
         auth.prepare()
-        tasks = {name: self.tasks[name].reconfigure(task) if name in self.tasks else TaskState(task)
+        known = self._dropped | self.tasks
+        tasks = {name: known[name].reconfigure(task) if name in known else TaskState(task)
                  for name, task in config.tasks.items()}
         self.metrics.configure(config, tasks)
+        # A dropped task's state is kept: its running processes still hold slots and its runs
+        # still end there, so a task that comes back finds its limits taken and its results.
+        self._dropped = {n: s for n, s in known.items() if n not in tasks}
         self.config, self.auth, self.tasks, self.webhooks = config, auth, tasks, config.webhook_index()
 
     def request_started(self):
@@ -2348,9 +2382,6 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         log.debug(format % args)
-
-
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 def _is_decimal(text: str) -> bool:
@@ -3209,8 +3240,8 @@ def cmd_generate_keys(args) -> int:
     _import_jwt()
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
-    if args.key_size < 2048:
-        raise ConfigError(f"--key-size {args.key_size} is too small; use 2048 or more")
+    if not 2048 <= args.key_size <= 16384:
+        raise ConfigError(f"--key-size {args.key_size} is out of range; use 2048 to 16384 (4096 is plenty)")
     private_path = os.path.join(args.output_dir, "jwt-private-key.pem")
     public_path = os.path.join(args.output_dir, "jwt-public-key.pem")
     for path in (private_path, public_path):
@@ -3305,10 +3336,14 @@ class CallClient:
 
     def __init__(self, url: str, timeout: float | None):
         from urllib.parse import urlsplit
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urlsplit(url)
+            port = parts.port  # ValueError for a port that is not a number below 65536
+        except ValueError:
+            parts = port = None
+        if not parts or parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"RTASK_URL / --url {url!r} must look like http://host:8800")
-        self.scheme, self.host, self.port = parts.scheme, parts.hostname, parts.port
+        self.scheme, self.host, self.port = parts.scheme, parts.hostname, port
         self.prefix = parts.path.rstrip("/")
         self.deadline = time.monotonic() + timeout if timeout else None
         self.headers = {}
@@ -3316,6 +3351,10 @@ class CallClient:
             self.headers["Authorization"] = f"Bearer {token}"
         elif key := os.environ.get("RTASK_API_KEY"):
             self.headers[os.environ.get("RTASK_API_KEY_HEADER") or "X-API-Key"] = key
+        for name, value in self.headers.items():
+            if not _HEADER_NAME.fullmatch(name) or not value.isprintable() or not value.isascii():
+                raise ConfigError(f"the credential for the {name!r} header (from the environment) "
+                                  "holds a character that cannot go into a header")
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
@@ -3381,6 +3420,7 @@ def call_exit_code(result: dict) -> int:
 
 
 def cmd_call(args) -> int:
+    import http.client
     client = CallClient(args.url or os.environ.get("RTASK_URL") or "http://localhost:8800", args.timeout)
     body = read_call_body(args)
     path = f"/tasks/{args.task}"
@@ -3398,18 +3438,25 @@ def cmd_call(args) -> int:
                 result = wait_for_result(client, f"{path}/{answer['task_id']}")
             sys.stdout.write(result.get("stdout", ""))
             sys.stderr.write(result.get("stderr", ""))
+        return call_exit_code(result)
     except CallRefused as e:
         print(f"rtask call: refused: {e}", file=sys.stderr)
         return 2
     except TimeoutError:
         print(f"rtask call: gave up after --timeout {args.timeout} s", file=sys.stderr)
         return 124
-    return call_exit_code(result)
+    except (OSError, http.client.HTTPException) as e:  # the connection broke mid-answer
+        print(f"rtask call: refused: the connection to the server was lost: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, KeyError, AttributeError):  # an answer rtask never sends
+        print("rtask call: refused: the server's answer is not one rtask sends (a proxy in the way?)",
+              file=sys.stderr)
+        return 2
 
 
 def read_call_body(args) -> bytes:
     if args.data is not None:
-        return args.data.encode()
+        return os.fsencode(args.data)  # bytes the shell passed that are not UTF-8 go as they came
     if args.data_file == "-":
         return sys.stdin.buffer.read()
     if args.data_file:

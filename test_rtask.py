@@ -679,6 +679,16 @@ _CK_INVALID = {
                                     '[tasks.beta]\ncommand = ["true"]\n'
                                     'webhookSecretFiles = { hook = "{tmp}/dup" }\n', ["alpha", "beta", "secret"]),
     "tasks_not_a_table": ('tasks = 5\n', ["tasks"]),
+    "api_key_header_not_a_token": ('[tasks.build]\ncommand = ["true"]\napiKeyNames = ["ci"]\n'
+                                   '[auth]\napiKeyHeader = "bad header"\n', ["apiKeyHeader", "bad header"]),
+    "signature_header_not_a_token": ('[tasks.build]\ncommand = ["true"]\n[tasks.build.signedWebhook]\n'
+                                     'provider = "hmac-sha256"\nsecret = "s3cret-value"\nsignatureHeader = "bad h"\n',
+                                     ["build", "signatureHeader"]),
+    "passed_headers_same_variable": ('[tasks.build]\ncommand = ["true"]\napiKeyNames = ["ci"]\n'
+                                     'passRequestHeaders = ["X-Foo", "X_Foo"]\n',
+                                     ["build", "passRequestHeaders", "REQUEST_HEADER_X_FOO"]),
+    "key_permissions_bad_name": ('[tasks.build]\ncommand = ["true"]\napiKeyNames = ["ci"]\n'
+                                 '[auth.keyPermissions]\n"bad name" = ["tasks:run"]\n', ["keyPermissions", "bad name"]),
     "task_not_a_table": ('[tasks]\nbuild = 5\n', ["build"]),
     "top_level_typo": ('[task.build]\ncommand = ["true"]\napiKeyNames = ["ci"]\n', ["task", "tasks"]),
 }
@@ -4578,11 +4588,12 @@ def test_generate_keys_never_overwrites_a_key_pair(au_generated):
     assert {p.name: p.read_bytes() for p in key_dir.iterdir()} == before
 
 
-def test_generate_keys_refuses_a_key_smaller_than_2048_bits(tmp_path):
-    out = rtask_cli("generate-keys", "--output-dir", "small", "--key-size", "1024", cwd=tmp_path)
+@pytest.mark.parametrize("size", ["1024", "100000000"])
+def test_generate_keys_refuses_a_key_size_out_of_range(tmp_path, size):
+    out = rtask_cli("generate-keys", "--output-dir", "odd", "--key-size", size, cwd=tmp_path, timeout=20)
     assert out.returncode == 1, out
-    assert out.stderr == "rtask: --key-size 1024 is too small; use 2048 or more\n"
-    assert not (tmp_path / "small" / "jwt-private-key.pem").exists()
+    assert out.stderr == f"rtask: --key-size {size} is out of range; use 2048 to 16384 (4096 is plenty)\n"
+    assert not (tmp_path / "odd" / "jwt-private-key.pem").exists()
 
 
 def test_generate_token_prints_the_token_alone(au_generated):
@@ -6903,3 +6914,131 @@ def test_http_1_0_client_gets_no_100_continue(_sm):
     raw = _sm.server.raw(b"POST /tasks/echo HTTP/1.0\r\nAuthorization: Bearer " + _sm.key.encode()
                          + b"\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi", read_timeout=5)
     assert raw.startswith(b"HTTP/1.1 200 ") and b"100 Continue" not in raw, raw
+
+
+# =============================================================================================
+# Found by a second probe: reload of a dropped task, keys.toml corners, rtask call answers
+# =============================================================================================
+
+
+def test_a_task_dropped_and_restored_by_reload_keeps_its_running_run_and_limit(start_server):
+    task = _ig_task("one", ["sleep", "3"], "async = true\nmaxConcurrentTasks = 1")
+    server, keys = start_server(task + _ig_task("other", ["true"]))
+    run_id = server.post("one", key=keys["ci"]).json["task_id"]
+    assert server.post("one", key=keys["ci"]).status == 429
+    config = server.workdir / "config.toml"
+    config.write_text(_ig_task("other", ["true"]))
+    assert _ig_sighup(server)
+    config.write_text(task + _ig_task("other", ["true"]))
+    assert _ig_sighup(server)
+    assert server.post("one", key=keys["ci"]).status == 429  # the running run still holds the slot
+    assert server.get(f"/tasks/one/{run_id}", key=keys["ci"]).json["status"] == "running"
+    assert server.get("/health/detailed").json["tasks"]["one"]["running"] == 1
+    done = server.get(f"/tasks/one/{run_id}?wait=10", key=keys["ci"]).json
+    assert done["status"] == "success", done
+
+
+def test_add_key_through_a_symlinked_keys_toml_updates_its_target(tmp_path):
+    (tmp_path / "real").mkdir()
+    target, link = tmp_path / "real" / "keys.toml", tmp_path / "keys.toml"
+    assert rtask_cli("add-key", "a", "--api-keys-file", str(target), cwd=tmp_path).returncode == 0
+    link.symlink_to(target)
+    assert rtask_cli("add-key", "b", cwd=tmp_path).returncode == 0
+    assert rtask_cli("remove-key", "a", cwd=tmp_path).returncode == 0
+    assert link.is_symlink(), "the link was replaced by a file"
+    assert sorted(_ck_entries(target)) == ["b"]
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+def test_add_key_keeps_keys_toml_valid_with_a_name_beyond_the_bmp(tmp_path):
+    _, entry = _ck_go_key(0)
+    (tmp_path / "keys.toml").write_text(f'"caf\u00e9 \U0001F600 \\u007f" = "{entry}"\n')  # DEL escaped
+    assert rtask_cli("add-key", "b", cwd=tmp_path).returncode == 0
+    assert sorted(_ck_entries(tmp_path / "keys.toml")) == ["b", "caf\u00e9 \U0001F600 \x7f"]
+    listed = rtask_cli("list-keys", cwd=tmp_path)
+    assert listed.returncode == 0 and "\U0001F600" in listed.stdout, listed
+
+
+def test_a_key_entry_argon2_cannot_compute_is_refused_when_loaded(tmp_path):
+    """Argon2 needs 8 KiB of memory per lane: m = 1 MiB with p = 255 cannot be hashed."""
+    key, salt = os.urandom(40), os.urandom(16)
+    entry = _ck_b64e(_ck_go_cbor({1: 0, 2: salt, 3: 1, 4: 1, 5: 255, 6: os.urandom(40)}))
+    (tmp_path / "keys.toml").write_text(f'ci = "{entry}"\n')
+    (tmp_path / "config.toml").write_text(_ig_task("t", ["true"]))
+    out = rtask_cli("check-config", cwd=tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out
+    assert "Argon2 parameters out of range" in out.stderr, out.stderr
+
+
+class _BadAnswers:
+    """A server that answers every request with the raw bytes of ``answer`` and closes."""
+
+    def __init__(self):
+        self.answer = b""
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.recv(65536)
+                    conn.sendall(self.answer)
+                except OSError:
+                    pass
+
+
+def _bad_http(status: str, body: bytes, content_type=b"application/json", length=None) -> bytes:
+    return (b"HTTP/1.1 " + status.encode() + b"\r\nContent-Type: " + content_type + b"\r\nContent-Length: "
+            + str(len(body) if length is None else length).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+
+
+@pytest.mark.parametrize("answer", [
+    _bad_http("200 OK", b"[]"),
+    _bad_http("200 OK", b'"x"'),
+    _bad_http("200 OK", b"{}"),
+    _bad_http("200 OK", b'{"status": "success", "exit_code": 0, "stdout": null}'),
+    _bad_http("200 OK", b'{"status": "succ', length=200),
+    _bad_http("401 Unauthorized", b"[1, 2]"),
+    _bad_http("200 OK", b"<html>proxy</html>", content_type=b"text/html"),
+], ids=["list", "string", "no-task-id", "null-stdout", "truncated", "error-list", "html"])
+@pytest.mark.parametrize("follow", [False, True], ids=["plain", "follow"])
+def test_call_with_an_answer_rtask_never_sends_exits_2_without_a_traceback(tmp_path, answer, follow):
+    server = _BadAnswers()
+    server.answer = answer
+    try:
+        out = _ig_call("t", *(["--follow"] if follow else []), env=_ig_call_env(server.url, RTASK_AUTH_TOKEN="x"),
+                       cwd=tmp_path, timeout=20)
+    finally:
+        server.sock.close()
+    assert out.returncode == 2, out
+    assert out.stderr.startswith(b"rtask call: refused: ") and b"Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("args, env", [
+    (["--url", "http://127.0.0.1:99999"], {}),
+    (["--url", "http://[::1"], {}),
+    ([], {"RTASK_AUTH_TOKEN": "line\nbreak"}),
+], ids=["port-too-large", "broken-ipv6", "newline-in-token"])
+def test_call_with_a_bad_url_or_credential_says_so_in_one_sentence(tmp_path, args, env):
+    out = _ig_call("t", *args, env=_ig_call_env("http://127.0.0.1:1", **env), cwd=tmp_path)
+    assert out.returncode == 1, out
+    assert out.stderr.startswith(b"rtask: ") and out.stderr.count(b"\n") == 1, out.stderr
+
+
+def test_call_sends_non_utf8_data_bytes_as_they_came(tmp_path):
+    server = _BadAnswers()
+    server.answer = _bad_http("200 OK", b'{"status": "success", "exit_code": 0, "stdout": "ok"}')
+    try:
+        out = subprocess.run([sys.executable, RTASK, "call", "t", "--data", os.fsdecode(b"\xff\xfe")],
+                             env=_ig_call_env(server.url, RTASK_AUTH_TOKEN="x"), cwd=tmp_path,
+                             stdin=subprocess.DEVNULL, capture_output=True, timeout=20)
+    finally:
+        server.sock.close()
+    assert (out.returncode, out.stdout) == (0, b"ok"), out
