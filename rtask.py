@@ -115,6 +115,8 @@ MAX_CONNECTIONS = 1024  # open client connections (one handler thread each)
 REQUEST_READ_TIMEOUT = 10.0  # seconds to send a whole request (line, headers, body)
 KEEPALIVE_IDLE_TIMEOUT = 30.0  # seconds an idle keep-alive connection is kept open
 SOCKET_WRITE_TIMEOUT = 30.0  # a client that stops reading its answer is dropped after this
+METRICS_MAX_CONNECTIONS = 64  # open connections to the metrics listener; more are closed at once
+METRICS_SOCKET_TIMEOUT = 10.0  # a metrics client silent this long (on one read or write) is dropped
 MAX_REQUEST_LINE = 8192
 MAX_HEADER_LINE = 8192
 MAX_HEADERS = 100
@@ -2970,12 +2972,41 @@ def start_metrics_server(host: str, port: int, metrics: Metrics, cert=None, key=
     from prometheus_client import REGISTRY, start_http_server
     REGISTRY.register(metrics)
     httpd, _ = start_http_server(port, addr=host, certfile=cert, keyfile=key)
+    _bound_connections(httpd)
     if cert:
         # The library wraps the listening socket, so each handshake would run in its single
         # accept loop, where one silent client stalls every scrape. Deferred, the handshake
         # happens in the connection's own thread on its first read.
         httpd.socket.do_handshake_on_connect = False
     return httpd.server_address[1]
+
+
+def _bound_connections(httpd):
+    """The library's server gives each connection a thread for as long as the client likes.
+    Bound both, on this instance (its accept loop looks the methods up on it): at most
+    METRICS_MAX_CONNECTIONS at once, each dropped after METRICS_SOCKET_TIMEOUT of silence."""
+    slots = threading.BoundedSemaphore(METRICS_MAX_CONNECTIONS)
+    accept, process, process_in_thread = httpd.get_request, httpd.process_request, httpd.process_request_thread
+
+    def get_request():
+        request, address = accept()
+        request.settimeout(METRICS_SOCKET_TIMEOUT)
+        return request, address
+
+    def process_request(request, address):
+        if slots.acquire(blocking=False):
+            process(request, address)
+        else:
+            httpd.shutdown_request(request)
+
+    def process_request_thread(request, address):
+        try:
+            process_in_thread(request, address)
+        finally:
+            slots.release()
+
+    httpd.get_request, httpd.process_request = get_request, process_request
+    httpd.process_request_thread = process_request_thread
 
 
 # =============================================================================================
