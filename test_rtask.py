@@ -6823,6 +6823,11 @@ def _sm_statuses(raw: bytes) -> list[int]:
 _SM_SMUGGLED = b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
+def _sm_head(sm) -> bytes:
+    """The start of an authorized POST /tasks/echo, up to the headers each test adds."""
+    return b"POST /tasks/echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + sm.key.encode() + b"\r\n"
+
+
 def test_two_content_lengths_on_a_route_without_a_body_hide_no_request(_sm):
     raw = _sm.server.raw(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: "
                          + str(len(_SM_SMUGGLED)).encode() + b"\r\n\r\n" + _SM_SMUGGLED, read_timeout=3)
@@ -6835,8 +6840,7 @@ def test_two_content_lengths_on_a_route_without_a_body_hide_no_request(_sm):
 ], ids=["two-transfer-encodings", "two-content-lengths"])
 def test_ambiguous_framing_on_a_task_is_400_and_nothing_runs(_sm, framing):
     before = _sm_runs(_sm)
-    raw = _sm.server.raw(b"POST /tasks/echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + _sm.key.encode()
-                         + b"\r\n" + framing + b"\r\n5\r\nhello\r\n0\r\n\r\n" + _SM_SMUGGLED, read_timeout=3)
+    raw = _sm.server.raw(_sm_head(_sm) + framing + b"\r\n5\r\nhello\r\n0\r\n\r\n" + _SM_SMUGGLED, read_timeout=3)
     assert _sm_statuses(raw) == [400], raw
     assert _sm_runs(_sm) == before
 
@@ -6845,8 +6849,8 @@ def test_a_chunk_size_line_longer_than_its_limit_hides_no_request(_sm):
     """Cut at a fixed length, the rest of a long chunk-extension line would be read as data."""
     tail = b"0\r\nT: a\r\n2a\r\n\r\n" + _SM_SMUGGLED + b"\r\n0\r\n\r\n"
     before = _sm_runs(_sm)
-    raw = _sm.server.raw(b"POST /tasks/echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + _sm.key.encode()
-                         + b"\r\nTransfer-Encoding: chunked\r\n\r\n7;" + b"a" * 1022 + b"XXXXXXX\r\n" + tail,
+    raw = _sm.server.raw(_sm_head(_sm)
+                         + b"Transfer-Encoding: chunked\r\n\r\n7;" + b"a" * 1022 + b"XXXXXXX\r\n" + tail,
                          read_timeout=3)
     assert _sm_statuses(raw) == [400], raw
     assert _sm_runs(_sm) == before
@@ -6855,16 +6859,14 @@ def test_a_chunk_size_line_longer_than_its_limit_hides_no_request(_sm):
 @pytest.mark.parametrize("cut", [b"0\r\nX-Partial-Trail", b"0\r\n"], ids=["in-a-trailer", "before-the-end"])
 def test_a_chunked_body_cut_off_in_its_trailers_never_runs(_sm, cut):
     before = _sm_runs(_sm)
-    r = _hx_raw(_sm.server, b"POST /tasks/echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + _sm.key.encode()
-                + b"\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nrm -\r\n" + cut, shut_wr=True)
+    r = _hx_raw(_sm.server, _sm_head(_sm) + b"Transfer-Encoding: chunked\r\n\r\n4\r\nrm -\r\n" + cut, shut_wr=True)
     _hx_error(r, 400, "bad_request")
     assert _sm_runs(_sm) == before
 
 
 def test_a_content_length_of_thousands_of_digits_is_413_not_500(_sm):
     huge = b"9" * 5000
-    r = _hx_raw(_sm.server, b"POST /tasks/echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + _sm.key.encode()
-                + b"\r\nContent-Length: " + huge + b"\r\n\r\n")
+    r = _hx_raw(_sm.server, _sm_head(_sm) + b"Content-Length: " + huge + b"\r\n\r\n")
     _hx_error(r, 413, "payload_too_large")
     raw = _sm.server.raw(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: " + huge + b"\r\n\r\n", read_timeout=3)
     assert _sm_statuses(raw) == [200], raw
@@ -6886,8 +6888,7 @@ def test_a_url_in_the_query_does_not_change_the_path(_sm):
                          ids=["nul-in-value", "cr-in-value", "cr-in-name", "space-in-name", "nul-in-name"])
 def test_control_characters_in_a_header_are_400_before_anything_runs(_sm, header):
     before = _sm_runs(_sm)
-    r = _hx_raw(_sm.server, b"POST /tasks/echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + _sm.key.encode()
-                + b"\r\n" + header + b"\r\nContent-Length: 0\r\n\r\n")
+    r = _hx_raw(_sm.server, _sm_head(_sm) + header + b"\r\nContent-Length: 0\r\n\r\n")
     assert (r.status, r.json["message"]) == (400, "A request header is malformed."), r
     assert _sm_runs(_sm) == before
 
