@@ -1522,7 +1522,7 @@ class ParameterSpec:
     source: str | None = None  # `from`: a JSON Pointer into the payload; the only source then
     secret: bool = False  # the value never appears in logs, listings or answers
 
-    @property
+    @functools.cached_property
     def env_name(self) -> str:
         return "RTASK_PARAM_" + re.sub(r"[^A-Za-z0-9_]", "_", self.name).upper()
 
@@ -1747,11 +1747,19 @@ def _form_fields(text: str) -> dict[str, list[str]]:
     """name → values of a query string or form body (RFC 3986 percent-encoding, "+" as space).
     Bytes that are not UTF-8 survive as surrogates and are refused when a value is checked;
     an empty value (``name=`` or ``name``) counts as absent."""
-    from urllib.parse import parse_qsl
     fields: dict[str, list[str]] = {}
-    for name, value in parse_qsl(text, keep_blank_values=True, errors="surrogateescape"):
-        fields.setdefault(name, []).append(value)
+    for part in text.split("&"):
+        if part:
+            name, _, value = part.partition("=")
+            fields.setdefault(_form_decode(name), []).append(_form_decode(value))
     return fields
+
+
+def _form_decode(text: str) -> str:
+    """What urllib's parse_qsl does to one name or value, at a third of its cost."""
+    if "+" in text:
+        text = text.replace("+", " ")
+    return unquote(text, errors="surrogateescape") if "%" in text else text
 
 
 def _query_values(task: TaskSpec, query: str) -> dict[str, str]:
@@ -1933,13 +1941,14 @@ def task_with_arguments(task: TaskSpec, resolved: dict[str, str]) -> TaskSpec:
     return dataclasses.replace(task, command=tuple(command))
 
 
-def log_parameters(run, task: TaskSpec, resolved: dict[str, str]):
-    """The parameters of a run: names at info, values of non-secret ones at debug only."""
-    if not task.parameters:
-        return
-    log.info("task parameters", extra={"fields": {
-        "task": task.name, "task_id": run.id, "parameters": ",".join(resolved)}})
-    if log.isEnabledFor(logging.DEBUG):
+def parameter_log_fields(task: TaskSpec) -> dict[str, str]:
+    """The names of a run's parameters, for its "task finished" line (values never at info)."""
+    return {"parameters": ",".join(task.parameter_index)} if task.parameters else {}
+
+
+def log_parameter_values(run, task: TaskSpec, resolved: dict[str, str]):
+    """At debug only: the values of a run's non-secret parameters."""
+    if task.parameters and log.isEnabledFor(logging.DEBUG):
         shown = {s.name: resolved[s.name] for s in task.parameters if not s.secret}
         log.debug("task parameter values", extra={"fields": {"task_id": run.id, "values": json.dumps(shown)}})
 
@@ -2596,7 +2605,7 @@ class App:
         log.info("task finished", extra={"fields": {
             "task": run.task.name, "task_id": run.id, "caller": run.caller.name, "client": run.client,
             "status": run.status, "exit_code": run.exit_code,
-            "duration": round(run.duration, 3)}})
+            "duration": round(run.duration, 3), **parameter_log_fields(run.task)}})
         if run.stdout.data or run.stderr.data:
             log.debug("task output", extra={"fields": {
                 "task_id": run.id, "stdout": run.stdout.text(), "stderr": run.stderr.text()}})
@@ -3058,7 +3067,7 @@ def execute(h: RequestHandler, state: TaskState, caller: Caller, body: bytes | N
     run = Run(task_with_arguments(task, resolved), caller, h.client())
     env = build_environment(task, run, h.headers)
     env.update(parameter_environment(task, resolved))
-    log_parameters(run, task, resolved)
+    log_parameter_values(run, task, resolved)
     start_when_admitted(state, run, lambda: h.app.launch(state, run, body, env))
     if task.is_async:
         h.send_json(200, {"task_id": run.id, "status": run.shown_status()})

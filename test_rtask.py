@@ -7348,7 +7348,7 @@ def test_secret_value_never_appears_in_answers_logs_or_listings(_pm):
         assert _PM_SECRET not in text and _PM_SECRET_DEFAULT not in text
     # at debug level the values of non-secret parameters are logged, names always at info
     wait_for(lambda: "pm-visible-note" in _pm.server.log(), timeout=5)
-    assert re.search(r"info .task parameters. .*parameters=version,target,note,count,ratio,flag,path,token",
+    assert re.search(r'info "task finished" task=show .*parameters=version,target,note,count,ratio,flag,path,token',
                      _pm.server.log())
 
 
