@@ -1807,7 +1807,7 @@ def canonical_value(spec: ParameterSpec, text: str) -> str:
         raise invalid_parameter(f"Parameter {name!r} contains a control character.")
     if spec.type == "string":
         if spec.pattern is not None and not spec.pattern.fullmatch(text):
-            raise invalid_parameter(f"Parameter {name!r} does not match the pattern {spec.pattern.pattern!r}.")
+            raise invalid_parameter(f"Parameter {name!r} does not match the pattern '{spec.pattern.pattern}'.")
         return text
     if spec.type == "choice":
         if text not in spec.choices:
