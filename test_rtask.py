@@ -611,7 +611,7 @@ def test_defaults_of_limits_timings_and_listen_addresses(start_server):
     listed = server.get("/tasks", key=tokens["ci"]).json["tasks"]
     assert listed == [{"name": "build", "async": False, "rateLimit": 0.0, "maxConcurrentTasks": 0, "queueSize": 0,
                        "maxInputBytes": 16384, "maxOutputBytes": 16384, "executionTimeoutSeconds": 30.0,
-                       "queueTimeoutSeconds": 30.0}], listed
+                       "queueTimeoutSeconds": 30.0, "parameters": []}], listed
     shown = server.get("/config", key=tokens["ci"]).json["tasks"]["build"]
     assert shown["asyncResultRetentionSeconds"] == 60.0, shown
     args = rtask.build_parser().parse_args(["run"])
