@@ -1746,7 +1746,7 @@ def request_query(h) -> str:
 def _form_fields(text: str) -> dict[str, list[str]]:
     """name → values of a query string or form body (RFC 3986 percent-encoding, "+" as space).
     Bytes that are not UTF-8 survive as surrogates and are refused when a value is checked;
-    an empty value (``name=`` or ``name``) counts as absent."""
+    ``name`` without "=" has the empty value."""
     fields: dict[str, list[str]] = {}
     for part in text.split("&"):
         if part:
@@ -1891,6 +1891,7 @@ def resolve_parameters(task: TaskSpec, values: RequestValues) -> dict[str, str]:
 
 
 def _raw_value(spec: ParameterSpec, values: RequestValues, given: dict[str, str]):
+    """The text given for one parameter, before any check, or ``_ABSENT``."""
     if spec.source is not None:
         at = f"the payload at {spec.source!r}"
         return _json_scalar_text(spec, json_pointer_get(values.payload, spec.source), at)
