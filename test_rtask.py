@@ -7161,6 +7161,14 @@ from = "/we~1ird/ti~0lde"
 [tasks.hook.parameters.pusher]
 type = "string"
 
+[tasks.bg]
+command = {record("{x}")}
+apiKeyNames = ["ci"]
+async = true
+environment = {{ PM_RUNS = {runs} }}
+[tasks.bg.parameters.x]
+required = true
+
 [tasks.wh]
 command = {record()}
 webhookSecrets = {{ pm = "{_PM_WH_SECRET}" }}
@@ -7314,6 +7322,16 @@ def test_form_body_fields_are_values_and_the_body_is_still_stdin(_pm):
     assert rec["stdin"] == body.decode()
     _pm_refused(_pm, "show", "", b"version=v3.0.0&version=v3.0.1", "application/x-www-form-urlencoded",
                 fragment="more than once")
+
+
+def test_async_task_gets_its_parameters_and_refuses_before_answering_a_task_id(_pm):
+    r = _pm_post(_pm, "bg", "?x=" + urllib.parse.quote("one arg; $(id)"))
+    assert r.status == 200 and "task_id" in r.json, r
+    result = _pm.server.get(f"/tasks/bg/{r.json['task_id']}?wait=20", key=_pm.ci).json
+    assert result["status"] == "success", result
+    assert _pm.runs()[-1]["argv"] == ["one arg; $(id)"]
+    _pm_refused(_pm, "bg", "", fragment="'x' is required")
+    assert len(_pm.server.get("/tasks/bg", key=_pm.ci).json["runs"]) == 1  # the refused one left no run
 
 
 def test_task_without_parameters_ignores_the_query(_pm):
@@ -7523,6 +7541,9 @@ def test_rtask_call_sends_parameters_percent_encoded(_pm):
                     cwd=_pm.dir, env=env)
     assert out.returncode == 0 and out.stdout == "ran\n", out
     assert _pm.runs()[-1]["argv"] == ["production", "v2.0.0", "--x={version}", note]
+    out = rtask_cli("call", "show", "--follow", "-p", "version=v2.0.1", cwd=_pm.dir, env=env)
+    assert out.returncode == 0 and out.stdout == "ran\n", out
+    assert _pm.runs()[-1]["argv"][1] == "v2.0.1"
     out = rtask_cli("call", "show", "-p", "version=bad", cwd=_pm.dir, env=env)
     assert out.returncode == 2 and "400" in out.stderr and "'version'" in out.stderr, out
     out = rtask_cli("call", "show", "-p", "novalue", cwd=_pm.dir, env=env)
