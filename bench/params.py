@@ -141,7 +141,7 @@ def main(argv=None):
     print(f"HTTP, {args.connections} connections, best of {args.rounds} x {args.seconds:g} s:")
     print(f"  without parameters: {rps['plain']:.0f} requests/s")
     print(f"  with 5 parameters:  {rps['params']:.0f} requests/s")
-    print(f"in process, parameter work per request (best / median µs):")
+    print("in process, parameter work per request (best / median µs):")
     print(f"  without parameters: {us['plain'][0]:.2f} / {us['plain'][1]:.2f}")
     print(f"  with 5 parameters:  {us['params'][0]:.2f} / {us['params'][1]:.2f}")
     verdict = "within" if ratio >= TARGET_RATIO else "OUTSIDE"
