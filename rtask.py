@@ -12,7 +12,7 @@ Start (serves the shipped config.toml), and test::
 
 The contract (names, formats, status codes, defaults) is SPEC.md; README.md is the manual.
 The file reads in the order of a request's path: constants → configuration → key store →
-authentication → limits → execution → results → HTTP → metrics → logging → CLI.
+authentication → limits → parameters → execution → results → HTTP → metrics → logging → CLI.
 
 License: MIT.
 """
@@ -151,6 +151,7 @@ class SignedWebhookSpec:
     secret: str  # from secret or secretFile (whitespace trimmed)
     events: tuple[str, ...] = ()  # run only for these X-GitHub-Event / X-Gitlab-Event values
     signature_header: str = "X-Signature-256"  # hmac-sha256 only
+    match: tuple[MatchRule, ...] = ()  # payload rules (JSON Pointer → value); unmatched: 202, no run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +177,17 @@ class TaskSpec:
     queue_timeout_seconds: float = 30.0  # how long a queued sync request waits, then 429
     signed_webhook: SignedWebhookSpec | None = None  # POST /hooks/<name>
     histogram_buckets: tuple[float, ...] | None = None  # None: Prometheus default buckets
+    parameters: tuple[ParameterSpec, ...] = ()  # typed values for the command (SPEC §12); () = none
+
+    @functools.cached_property
+    def parameter_index(self) -> dict[str, ParameterSpec]:
+        return {spec.name: spec for spec in self.parameters}
+
+    @functools.cached_property
+    def argument_slots(self) -> tuple[tuple[int, str], ...]:
+        """(index, parameter name) of each argv element that is exactly "{name}"."""
+        return tuple((i, m.group(1)) for i, element in enumerate(self.command)
+                     if (m := _ARGUMENT_RE.fullmatch(element)))
 
     @functools.cached_property
     def env_names(self) -> dict[str, str]:
@@ -390,6 +402,7 @@ _TASK_OPTIONS = {
     "queueTimeoutSeconds": ("queue_timeout_seconds", lambda v: _number(v, positive=True)),
     "signedWebhook": (None, None),
     "durationHistogramBuckets": ("histogram_buckets", _buckets),
+    "parameters": (None, None),
 }
 # Spellings of the older RTask README: old key → (new key, how the value translates).
 _DEPRECATED_OPTIONS = {
@@ -466,6 +479,8 @@ def _parse_task(path, base_dir, name, table, problems: Problems) -> TaskSpec | N
     if "signedWebhook" in table:
         fields["signed_webhook"] = _parse_signed_webhook(f"{where}: signedWebhook", base_dir,
                                                          table["signedWebhook"], problems)
+    if "parameters" in table or any(_ARGUMENT_RE.fullmatch(a) for a in fields.get("command", ())):
+        fields["parameters"] = parse_parameters(where, table.get("parameters", {}), fields.get("command"), problems)
     if len(problems.errors) > errors_before or webhooks is None:
         return None
     if "workdir" in fields:
@@ -543,6 +558,7 @@ _SIGNED_WEBHOOK_OPTIONS = {
     "secretFile": ("secret_file", _string),
     "events": ("events", _string_list),
     "signatureHeader": ("signature_header", _header_name),
+    "match": ("match", lambda v: _match_rules(v)),  # defined with the parameters
 }
 SIGNED_WEBHOOK_PROVIDERS = ("github", "gitlab", "hmac-sha256")
 
@@ -1466,6 +1482,495 @@ class ConcurrencyLimit:
 
 
 # =============================================================================================
+# Parameters (typed values, payload rules)
+# =============================================================================================
+#
+# A task may declare named, typed parameters (SPEC §12). Values come from the query string,
+# else a JSON object body's top-level field, else a form field; a parameter with `from` takes
+# its value only from the JSON payload at that JSON Pointer (RFC 6901). Every value is checked
+# (length first, so a pattern never sees more than maxLength characters), put in its canonical
+# form, and reaches the command as RTASK_PARAM_<NAME> and as whole argv elements "{name}":
+# never through a shell. A refused value is 400 invalid_parameter before a slot is taken;
+# messages name the parameter and the rule and never repeat a value.
+
+PARAMETER_TYPES = ("string", "integer", "number", "boolean", "choice")
+DEFAULT_PARAMETER_LENGTH = 256  # characters, when maxLength is not given
+MAX_PARAMETER_LENGTH = 4096  # the largest maxLength a config may give
+MATCH_MAX_CHARS = 4096  # a payload value longer than this never matches a `match` pattern
+_ARGUMENT_RE = re.compile(r"\{([A-Za-z0-9_.-]+)\}")  # a whole argv element naming a parameter
+_JSON_POINTER_RE = re.compile(r"(/([^~/]|~[01])*)*")  # RFC 6901 §3: "~" only as ~0 or ~1
+_ARRAY_INDEX_RE = re.compile(r"0|[1-9][0-9]*")  # RFC 6901 §4: no leading zeros, no "-"
+_INTEGER_RE = re.compile(r"-?[0-9]+")
+_NUMBER_RE = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?(?:[eE]([+-]?[0-9]{1,6}))?")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_BOOLEANS = {"true": "true", "1": "true", "yes": "true", "on": "true",
+             "false": "false", "0": "false", "no": "false", "off": "false"}
+_ABSENT = object()  # no value at a JSON Pointer, or no such field
+
+
+@dataclasses.dataclass(frozen=True)
+class ParameterSpec:
+    """One ``[tasks.<name>.parameters.<param>]`` table, validated."""
+
+    name: str
+    type: str = "string"  # string | integer | number | boolean | choice
+    pattern: re.Pattern | None = None  # string: re.fullmatch on the whole value
+    choices: tuple[str, ...] = ()  # choice: the allowed values, exactly
+    max_length: int = DEFAULT_PARAMETER_LENGTH  # characters; checked before anything else
+    required: bool = False  # absent → 400; otherwise the default (or empty) is used
+    default: str | None = None  # canonical text; None: empty when absent
+    source: str | None = None  # `from`: a JSON Pointer into the payload; the only source then
+    secret: bool = False  # the value never appears in logs, listings or answers
+
+    @functools.cached_property
+    def env_name(self) -> str:
+        return "RTASK_PARAM_" + re.sub(r"[^A-Za-z0-9_]", "_", self.name).upper()
+
+
+@dataclasses.dataclass(frozen=True)
+class MatchRule:
+    """One ``[tasks.<name>.signedWebhook.match]`` entry: the payload at ``pointer`` must be
+    ``exact`` or fully match ``pattern``."""
+
+    pointer: str
+    exact: str | None = None
+    pattern: re.Pattern | None = None
+
+
+def _parameter_type(value):
+    if value not in PARAMETER_TYPES:
+        raise _Invalid(f"must be one of {', '.join(PARAMETER_TYPES)}")
+    return value
+
+
+def _regex(value):
+    text = _string(value)
+    try:
+        return re.compile(text)
+    except re.error as e:
+        raise _Invalid(f"is not a valid regular expression: {e}") from None
+
+
+def _json_pointer(value):
+    if not isinstance(value, str) or not _JSON_POINTER_RE.fullmatch(value):
+        raise _Invalid("must be a JSON Pointer (RFC 6901): \"\" or \"/a/b\", with '~' only as ~0 or ~1")
+    return value
+
+
+def _max_length(value):
+    length = _integer(value, positive=True)
+    if length > MAX_PARAMETER_LENGTH:
+        raise _Invalid(f"must be at most {MAX_PARAMETER_LENGTH}")
+    return length
+
+
+def _default_text(value):
+    """A TOML default as the text a caller would send: true/false, numbers as written by
+    TOML's reader (canonicalised later by the parameter's own type)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, str)) or isinstance(value, float) and math.isfinite(value):
+        return str(value)
+    raise _Invalid("must be a string, number or boolean")
+
+
+_PARAMETER_OPTIONS = {
+    "type": ("type", _parameter_type),
+    "pattern": ("pattern", _regex),
+    "choices": ("choices", lambda v: _string_list(v, non_empty=True)),
+    "maxLength": ("max_length", _max_length),
+    "required": ("required", _bool),
+    "default": ("default", _default_text),
+    "from": ("source", _json_pointer),
+    "secret": ("secret", _bool),
+}
+
+
+def parse_parameters(where, table, command, problems: Problems) -> tuple[ParameterSpec, ...]:
+    """The ``parameters`` table of a task, every definition checked (type, regex, choices on
+    the right type, a default that passes its own rule, env names that do not collide), and
+    every ``{name}`` argv element of ``command`` declared."""
+    if not isinstance(table, dict):
+        problems.errors.append(f"{where}: field 'parameters' must be a table of [tasks.<name>.parameters.<param>] tables")
+        return ()
+    specs, env_names = [], {}
+    for name, fields in table.items():
+        spec = _parse_parameter(f"{where}: parameter {name!r}", name, fields, problems)
+        if spec is None:
+            continue
+        other = env_names.setdefault(spec.env_name, name)
+        if other != name:
+            problems.errors.append(f"{where}: parameters {other!r} and {name!r} both become {spec.env_name}")
+        specs.append(spec)
+    declared = set(table)
+    for element in command or ():
+        found = _ARGUMENT_RE.fullmatch(element)
+        if found and found.group(1) not in declared:
+            problems.errors.append(f"{where}: field 'command' has {element!r} but the task declares no "
+                                   f"parameter {found.group(1)!r}")
+    return tuple(specs)
+
+
+def _parse_parameter(where, name, table, problems: Problems) -> ParameterSpec | None:
+    if not NAME_RE.fullmatch(name):
+        problems.errors.append(f"{where}: the name may only use letters, digits, '_', '.', '-'")
+        return None
+    if not isinstance(table, dict):
+        problems.errors.append(f"{where}: must be a table")
+        return None
+    errors_before = len(problems.errors)
+    fields = _parse_table(where, table, _PARAMETER_OPTIONS, problems)
+    kind = fields.get("type", "string")
+    if "pattern" in fields and kind != "string":
+        problems.errors.append(f"{where}: field 'pattern' applies to type 'string' only")
+    if "choices" in fields and kind != "choice":
+        problems.errors.append(f"{where}: field 'choices' applies to type 'choice' only")
+    if kind == "choice" and not fields.get("choices"):
+        problems.errors.append(f"{where}: type 'choice' needs field 'choices'")
+    if fields.get("required") and "default" in fields:
+        problems.errors.append(f"{where}: give either 'required = true' or 'default', not both")
+    if len(problems.errors) > errors_before:
+        return None
+    spec = ParameterSpec(name=name, **fields)
+    if spec.default is not None:
+        try:
+            spec = dataclasses.replace(spec, default=canonical_value(spec, spec.default))
+        except Reject as r:
+            problems.errors.append(f"{where}: field 'default' fails its own rule: {r.message}")
+            return None
+    return spec
+
+
+def _match_rules(value) -> tuple[MatchRule, ...]:
+    """``signedWebhook.match``: JSON Pointer → exact string or ``{ pattern = "..." }``."""
+    if not isinstance(value, dict):
+        raise _Invalid("must be a table of JSON Pointer → string or { pattern = \"...\" }")
+    rules = []
+    for pointer, expected in value.items():
+        try:
+            _json_pointer(pointer)
+            if isinstance(expected, str):
+                rules.append(MatchRule(pointer, exact=expected))
+            elif isinstance(expected, dict) and list(expected) == ["pattern"]:
+                rules.append(MatchRule(pointer, pattern=_regex(expected["pattern"])))
+            else:
+                raise _Invalid("must be a string or { pattern = \"...\" }")
+        except _Invalid as e:
+            raise _Invalid(f"entry {pointer!r} {e}") from None
+    return tuple(rules)
+
+
+# -- JSON Pointer (RFC 6901) -------------------------------------------------------------------
+
+
+def json_pointer_get(document, pointer: str):
+    """The value at ``pointer`` in a parsed JSON document, or ``_ABSENT``. RFC 6901: "" is the
+    whole document; each reference token is unescaped ~1 → "/" first, then ~0 → "~" (§4); an
+    array index is "0" or digits without a leading zero, and "-" (past the end) never names
+    a value."""
+    if pointer == "":
+        return document
+    for token in pointer[1:].split("/"):
+        token = token.replace("~1", "/").replace("~0", "~")
+        if isinstance(document, dict):
+            document = document.get(token, _ABSENT)
+        elif isinstance(document, list) and _ARRAY_INDEX_RE.fullmatch(token) and int(token) < len(document):
+            document = document[int(token)]
+        else:
+            return _ABSENT
+        if document is _ABSENT:
+            return _ABSENT
+    return document
+
+
+class _JsonNumber(str):
+    """A JSON number kept as the text it was written as, so that "1.50" and 10**400 reach
+    the parameter's own canonical form exactly (no float rounding)."""
+
+
+def _parse_json(data: bytes | str):
+    """A JSON document (numbers as _JsonNumber), or ``_ABSENT`` when it is not JSON. NaN and
+    Infinity, which Python's reader accepts, are not JSON (RFC 8259) and are refused."""
+    def no_constants(name):
+        raise ValueError(name)
+    try:
+        return json.loads(data, parse_int=_JsonNumber, parse_float=_JsonNumber, parse_constant=no_constants)
+    except (ValueError, RecursionError):
+        return _ABSENT
+
+
+# -- where values come from --------------------------------------------------------------------
+
+
+class RequestValues:
+    """The places a request's parameter values can come from, each parsed at most once and
+    only when a parameter needs it.
+
+    ``query`` is the raw query string, or None when the query is not a source (signed
+    webhooks: the signature covers the body, not the URL). The body counts as JSON or as a
+    form by its Content-Type alone; the payload (for ``from`` and ``match``) is the JSON body,
+    or the JSON in a form's ``payload`` field (GitHub's form-encoded deliveries)."""
+
+    def __init__(self, query: str | None, content_type: str | None, body: bytes):
+        self.query = query
+        self.media_type = (content_type or "").split(";", 1)[0].strip().lower()
+        self.body = body
+
+    @functools.cached_property
+    def json_body(self):
+        return _parse_json(self.body) if self.media_type == "application/json" else _ABSENT
+
+    @functools.cached_property
+    def form(self) -> dict[str, list[str]]:
+        if self.media_type != "application/x-www-form-urlencoded":
+            return {}
+        return _form_fields(self.body.decode("utf-8", "surrogateescape"))
+
+    @functools.cached_property
+    def payload(self):
+        if self.media_type == "application/json":
+            return self.json_body
+        field = self.form.get("payload")
+        return _parse_json(field[0]) if field and len(field) == 1 else _ABSENT
+
+
+def request_query(h) -> str:
+    """The raw query string of the request line ("" when none), as UTF-8 with any other bytes
+    kept as surrogates (refused when such a value is checked). Read from the request line
+    itself because the handler's parsed ``query`` has already replaced undecodable bytes and
+    dropped empty values."""
+    target = h.raw_requestline.decode("latin-1").split(" ")[1]
+    return target.partition("?")[2].encode("latin-1").decode("utf-8", "surrogateescape")
+
+
+def _form_fields(text: str) -> dict[str, list[str]]:
+    """name → values of a query string or form body (RFC 3986 percent-encoding, "+" as space).
+    Bytes that are not UTF-8 survive as surrogates and are refused when a value is checked;
+    ``name`` without "=" has the empty value."""
+    fields: dict[str, list[str]] = {}
+    for part in text.split("&"):
+        if part:
+            name, _, value = part.partition("=")
+            fields.setdefault(_form_decode(name), []).append(_form_decode(value))
+    return fields
+
+
+def _form_decode(text: str) -> str:
+    """What urllib's parse_qsl does to one name or value, at a third of its cost."""
+    if "+" in text:
+        text = text.replace("+", " ")
+    return unquote(text, errors="surrogateescape") if "%" in text else text
+
+
+def _query_values(task: TaskSpec, query: str) -> dict[str, str]:
+    """The query's values by parameter name. A key the task does not declare, a key given
+    twice, or one naming a ``from`` parameter (whose only source is the payload) is refused."""
+    by_name = task.parameter_index
+    values = {}
+    for name, given in _form_fields(query).items():
+        spec = by_name.get(name)
+        if spec is None:
+            raise invalid_parameter(f"The task declares no parameter {_shown(name)}.")
+        if len(given) > 1:
+            raise invalid_parameter(f"Parameter {name!r} is given more than once.")
+        if spec.source is not None:
+            raise invalid_parameter(f"Parameter {name!r} takes its value from the payload "
+                                    f"(from = {spec.source!r}), not from the query.")
+        values[name] = given[0]
+    return values
+
+
+def _shown(name: str) -> str:
+    """A caller's name for a message: quoted, escaped, cut to 64 characters."""
+    return ascii(name[:64] + ("…" if len(name) > 64 else ""))
+
+
+# -- checking one value ------------------------------------------------------------------------
+
+
+def invalid_parameter(message: str) -> Reject:
+    return Reject(400, "invalid_parameter", message, "invalid_parameter")
+
+
+def canonical_value(spec: ParameterSpec, text: str) -> str:
+    """``text`` checked against the parameter's rules and put in canonical form; Reject
+    (invalid_parameter) naming the parameter and the rule, never the value. Length is checked
+    first, so no pattern or conversion ever sees more than maxLength characters."""
+    name = spec.name
+    if len(text) > spec.max_length:
+        raise invalid_parameter(f"Parameter {name!r} is longer than {spec.max_length} characters.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid_parameter(f"Parameter {name!r} is not valid UTF-8.") from None
+    if _CONTROL_RE.search(text):
+        raise invalid_parameter(f"Parameter {name!r} contains a control character.")
+    if spec.type == "string":
+        if spec.pattern is not None and not spec.pattern.fullmatch(text):
+            raise invalid_parameter(f"Parameter {name!r} does not match the pattern '{spec.pattern.pattern}'.")
+        return text
+    if spec.type == "choice":
+        if text not in spec.choices:
+            raise invalid_parameter(f"Parameter {name!r} must be one of: {', '.join(spec.choices)}.")
+        return text
+    if spec.type == "boolean":
+        value = _BOOLEANS.get(text.lower())
+        if value is None:
+            raise invalid_parameter(f"Parameter {name!r} must be true or false.")
+        return value
+    if spec.type == "integer":
+        if not _INTEGER_RE.fullmatch(text):
+            raise invalid_parameter(f"Parameter {name!r} must be a whole number (digits, optional '-').")
+        return str(int(text))
+    return _canonical_number(spec, text)
+
+
+def _canonical_number(spec: ParameterSpec, text: str) -> str:
+    """A decimal number in its shortest plain form: "1.50", "15e-1" → "1.5"; "042" → "42";
+    "1e3" → "1000"; "-0.0" → "0". Exact (no float). A plain form longer than maxLength (a
+    huge exponent) is refused rather than written out."""
+    found = _NUMBER_RE.fullmatch(text)
+    if not found:
+        raise invalid_parameter(f"Parameter {spec.name!r} must be a decimal number like 1.5 or 2e3.")
+    sign, whole, fraction, exponent = found.groups()
+    digits = (whole + (fraction or "")).lstrip("0")
+    shift = int(exponent or 0) - len(fraction or "")
+    stripped = digits.rstrip("0")
+    shift += len(digits) - len(stripped)
+    digits = stripped
+    if not digits:
+        return "0"
+    if len(digits) + abs(shift) > spec.max_length:
+        raise invalid_parameter(f"Parameter {spec.name!r} is longer than {spec.max_length} characters "
+                                "when written out in decimal.")
+    if shift >= 0:
+        plain = digits + "0" * shift
+    elif len(digits) + shift > 0:
+        plain = digits[:shift] + "." + digits[shift:]
+    else:
+        plain = "0." + "0" * -(len(digits) + shift) + digits
+    return sign + plain
+
+
+def _json_scalar_text(spec: ParameterSpec, value, where: str):
+    """A JSON value as the text a query would have carried: strings as they are, numbers as
+    written, booleans true/false; null is absent; an object or array is refused."""
+    if value is None or value is _ABSENT:
+        return _ABSENT
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    kind = "an object" if isinstance(value, dict) else "an array"
+    raise invalid_parameter(f"Parameter {spec.name!r}: {where} holds {kind}; a parameter takes a "
+                            "string, number or boolean.")
+
+
+# -- the values of one request -----------------------------------------------------------------
+
+
+def resolve_parameters(task: TaskSpec, values: RequestValues) -> dict[str, str]:
+    """Parameter name → canonical value ("" when absent without default) for every declared
+    parameter, or Reject 400 invalid_parameter. Sources, first found wins: a ``from``
+    parameter only the payload at its pointer; others the query, then the JSON object body's
+    top-level field, then the form field. A task that declares no parameters ignores the query
+    (webhook senders append their own URL parameters)."""
+    if not task.parameters:
+        return {}
+    given = _query_values(task, values.query) if values.query else {}
+    resolved = {}
+    for spec in task.parameters:
+        text = _raw_value(spec, values, given)
+        if text is _ABSENT or text == "":
+            if spec.required:
+                raise invalid_parameter(f"Parameter {spec.name!r} is required.")
+            resolved[spec.name] = spec.default if spec.default is not None else ""
+        else:
+            resolved[spec.name] = canonical_value(spec, text)
+    return resolved
+
+
+def _raw_value(spec: ParameterSpec, values: RequestValues, given: dict[str, str]):
+    """The text given for one parameter, before any check, or ``_ABSENT``."""
+    if spec.source is not None:
+        at = f"the payload at {spec.source!r}"
+        return _json_scalar_text(spec, json_pointer_get(values.payload, spec.source), at)
+    if spec.name in given:
+        return given[spec.name]
+    body = values.json_body
+    if isinstance(body, dict) and spec.name in body:
+        return _json_scalar_text(spec, body[spec.name], "the JSON body's field")
+    form = values.form.get(spec.name)
+    if form is not None and len(form) > 1:
+        raise invalid_parameter(f"Parameter {spec.name!r} is given more than once.")
+    return form[0] if form else _ABSENT
+
+
+def payload_matches(rules: tuple[MatchRule, ...], values: RequestValues) -> bool:
+    """Does the payload hold what every ``match`` rule asks for? A value that is absent, null,
+    an object or an array never matches; numbers and booleans compare as their JSON text."""
+    for rule in rules:
+        value = json_pointer_get(values.payload, rule.pointer)
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        if not isinstance(value, str):
+            return False
+        if rule.exact is not None and value != rule.exact:
+            return False
+        if rule.pattern is not None and (len(value) > MATCH_MAX_CHARS or not rule.pattern.fullmatch(value)):
+            return False
+    return True
+
+
+# -- how values reach the command --------------------------------------------------------------
+
+
+def parameter_environment(task: TaskSpec, resolved: dict[str, str]) -> dict[str, str]:
+    """RTASK_PARAM_<NAME> for every declared parameter (empty when absent without default)."""
+    return {spec.env_name: resolved[spec.name] for spec in task.parameters}
+
+
+def task_with_arguments(task: TaskSpec, resolved: dict[str, str]) -> TaskSpec:
+    """The task as this run executes it: each argv element that is exactly "{name}" replaced by
+    the value as one argument (an absent optional parameter: an empty argument). An element
+    that only contains "{name}" (like "--x={name}") stays as written."""
+    if not task.argument_slots:
+        return task
+    command = list(task.command)
+    for index, name in task.argument_slots:
+        command[index] = resolved[name]
+    return dataclasses.replace(task, command=tuple(command))
+
+
+def parameter_log_fields(task: TaskSpec) -> dict[str, str]:
+    """The names of a run's parameters, for its "task finished" line (values never at info)."""
+    return {"parameters": ",".join(task.parameter_index)} if task.parameters else {}
+
+
+def log_parameter_values(run, task: TaskSpec, resolved: dict[str, str]):
+    """At debug only: the values of a run's non-secret parameters."""
+    if task.parameters and log.isEnabledFor(logging.DEBUG):
+        shown = {s.name: resolved[s.name] for s in task.parameters if not s.secret}
+        log.debug("task parameter values", extra={"fields": {"task_id": run.id, "values": json.dumps(shown)}})
+
+
+def describe_parameter(spec: ParameterSpec) -> dict:
+    """One parameter in GET /tasks: never the default of a secret parameter."""
+    described = {"name": spec.name, "type": spec.type, "required": spec.required, "maxLength": spec.max_length}
+    if spec.default is not None and not spec.secret:
+        described["default"] = spec.default
+    if spec.choices:
+        described["choices"] = list(spec.choices)
+    if spec.pattern is not None:
+        described["pattern"] = spec.pattern.pattern
+    if spec.source is not None:
+        described["from"] = spec.source
+    if spec.secret:
+        described["secret"] = True
+    return described
+
+
+# =============================================================================================
 # Execution (process groups, output capture, timeouts)
 # =============================================================================================
 #
@@ -2101,7 +2606,7 @@ class App:
         log.info("task finished", extra={"fields": {
             "task": run.task.name, "task_id": run.id, "caller": run.caller.name, "client": run.client,
             "status": run.status, "exit_code": run.exit_code,
-            "duration": round(run.duration, 3)}})
+            "duration": round(run.duration, 3), **parameter_log_fields(run.task)}})
         if run.stdout.data or run.stderr.data:
             log.debug("task output", extra={"fields": {
                 "task_id": run.id, "stdout": run.stdout.text(), "stderr": run.stderr.text()}})
@@ -2481,7 +2986,7 @@ def find_run(state: TaskState, run_id: str) -> Run:
 
 
 def post_task(h: RequestHandler, name: str):
-    """POST /tasks/<name>: credentials → rate → concurrency → body size → run."""
+    """POST /tasks/<name>: credentials → rate → concurrency → body size → parameters → run."""
     state = task_state(h, name)
     caller = authorize(h, f"tasks:run:{name}")
     execute(h, state, caller)
@@ -2522,6 +3027,8 @@ def post_signed_hook(h: RequestHandler, name: str):
         h.send_json(200, {"status": "pong"})
     elif hook.events and event not in hook.events:
         h.send_json(202, {"status": "ignored", "message": "This event is not configured to run the task."})
+    elif hook.match and not payload_matches(hook.match, RequestValues(None, h.headers.get("content-type"), body)):
+        h.send_json(202, {"status": "ignored", "message": "The payload does not match the task's rules."})
     else:
         execute(h, state, Caller(hook.provider, "webhook"), body)
 
@@ -2543,19 +3050,25 @@ def signature_valid(hook: SignedWebhookSpec, headers: Headers, body: bytes) -> b
 
 
 def execute(h: RequestHandler, state: TaskState, caller: Caller, body: bytes | None = None):
-    """The checks after authentication, in order, then the run. A request refused here never
-    starts a process; one refused for concurrency has spent its rate token (as in Go).
-    ``body`` is given when it had to be read first (signed webhooks)."""
+    """The checks after authentication, in order (rate, concurrency room, body size,
+    parameters), then the run. A request refused here never starts a process and holds no
+    slot; one refused for concurrency has spent its rate token (as in Go). ``body`` is given
+    when it had to be read first (signed webhooks)."""
     task = state.task
     if not state.rate.allow():
         raise Reject(429, "rate_limited", f"Task {task.name!r} allows {task.rate_limit:g} requests per second.",
                      "limit_exceeded", [("Retry-After", state.rate.retry_after)])
     if h.app.executor.running >= MAX_RUNS_IN_FLIGHT or not state.slots.has_room():
         raise too_many_running(task)
+    signed = body is not None  # a signed webhook's values come from its signed body only
     if body is None:
         body = h.read_body(task.max_input_bytes)
-    run = Run(task, caller, h.client())
+    resolved = resolve_parameters(task, RequestValues(None if signed else request_query(h),
+                                                      h.headers.get("content-type"), body))
+    run = Run(task_with_arguments(task, resolved), caller, h.client())
     env = build_environment(task, run, h.headers)
+    env.update(parameter_environment(task, resolved))
+    log_parameter_values(run, task, resolved)
     start_when_admitted(state, run, lambda: h.app.launch(state, run, body, env))
     if task.is_async:
         h.send_json(200, {"task_id": run.id, "status": run.shown_status()})
@@ -2653,7 +3166,8 @@ def task_summary(task: TaskSpec) -> dict:
     return {"name": task.name, "async": task.is_async, "rateLimit": task.rate_limit,
             "maxConcurrentTasks": task.max_concurrent, "queueSize": task.queue_size,
             "maxInputBytes": task.max_input_bytes, "maxOutputBytes": task.max_output_bytes,
-            "executionTimeoutSeconds": task.timeout_seconds, "queueTimeoutSeconds": task.queue_timeout_seconds}
+            "executionTimeoutSeconds": task.timeout_seconds, "queueTimeoutSeconds": task.queue_timeout_seconds,
+            "parameters": [describe_parameter(p) for p in task.parameters]}
 
 
 def list_runs(h: RequestHandler, name: str):
@@ -3455,11 +3969,12 @@ def cmd_call(args) -> int:
     client = CallClient(args.url or os.environ.get("RTASK_URL") or "http://localhost:8800", args.timeout)
     body = read_call_body(args)
     path = f"/tasks/{args.task}"
+    query = call_query(args.param)
     try:
         if args.follow:
-            result = follow_call(client, path, body)
+            result = follow_call(client, path, body, query)
         else:
-            answer = client.json("POST", path, body)
+            answer = client.json("POST", path + query, body)
             if "exit_code" in answer:  # a sync task answered with its result
                 result = answer
             elif args.no_wait:
@@ -3483,6 +3998,19 @@ def cmd_call(args) -> int:
         print("rtask call: refused: the server's answer is not one rtask sends (a proxy in the way?)",
               file=sys.stderr)
         return 2
+
+
+def call_query(params: list[str]) -> str:
+    """``-p NAME=VALUE`` options as a query string ("?a=1&b=x%20y"; "" when none): every byte
+    percent-encoded except unreserved characters, so a value arrives exactly as given."""
+    from urllib.parse import quote
+    pairs = []
+    for param in params:
+        name, sep, value = param.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"-p {param!r} must look like NAME=VALUE")
+        pairs.append(f"{quote(name, safe='')}={quote(os.fsencode(value), safe='')}")
+    return "?" + "&".join(pairs) if pairs else ""
 
 
 def read_call_body(args) -> bytes:
@@ -3519,10 +4047,10 @@ def wait_for_result(client: CallClient, path: str) -> dict:
             sys.stderr.flush()
 
 
-def follow_call(client: CallClient, path: str, body: bytes) -> dict:
+def follow_call(client: CallClient, path: str, body: bytes, query: str = "") -> dict:
     """--follow: print output as the task writes it. A sync task streams its POST answer; an
     async one answers with its task id, and its events stream is followed instead."""
-    response = client.open("POST", path, body, stream=True)
+    response = client.open("POST", path + query, body, stream=True)
     if not response.getheader("Content-Type", "").startswith("text/event-stream"):
         task_id = json.loads(response.read())["task_id"]
         response = client.open("GET", f"{path}/{task_id}/events", stream=True)
@@ -3605,6 +4133,8 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--no-wait", action="store_true", help="async task: print the task id and exit")
     call.add_argument("--follow", action="store_true", help="print output live while the task runs")
     call.add_argument("--timeout", type=_positive_number, help="give up after S seconds (exit 124)")
+    call.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+                      help="a task parameter, sent in the query string (repeatable)")
     return parser
 
 

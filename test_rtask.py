@@ -611,7 +611,7 @@ def test_defaults_of_limits_timings_and_listen_addresses(start_server):
     listed = server.get("/tasks", key=tokens["ci"]).json["tasks"]
     assert listed == [{"name": "build", "async": False, "rateLimit": 0.0, "maxConcurrentTasks": 0, "queueSize": 0,
                        "maxInputBytes": 16384, "maxOutputBytes": 16384, "executionTimeoutSeconds": 30.0,
-                       "queueTimeoutSeconds": 30.0}], listed
+                       "queueTimeoutSeconds": 30.0, "parameters": []}], listed
     shown = server.get("/config", key=tokens["ci"]).json["tasks"]["build"]
     assert shown["asyncResultRetentionSeconds"] == 60.0, shown
     args = rtask.build_parser().parse_args(["run"])
@@ -7069,3 +7069,499 @@ def test_metrics_listener_bounds_its_connections_and_drops_silent_ones(start_ser
             s.close()
     assert "python_info" in server.metrics()  # scrapes work again
     wait_for(lambda: _rs_proc_status(pid)["Threads"] <= threads_before + 2, timeout=5)
+
+
+# =============================================================================================
+# Parameters (typed values, payload rules): SPEC §12
+# =============================================================================================
+#
+# One server for the section (log level debug, so that a secret value in any line is caught).
+# Every run of a parameter task appends one JSON line (argv, RTASK_PARAM_* environment, stdin)
+# to runs.jsonl: a refused request must add none.
+
+_PM_SECRET = "PM-SECRET-VALUE-4711"
+_PM_SECRET_DEFAULT = "pm-default-secret-value"
+_PM_HOOK_SECRET = "pm-github-hook-secret"
+_PM_WH_SECRET = "pm-plain-webhook-secret-0123456789"
+_PM_RECORD = """
+import json, os, sys
+record = {"argv": sys.argv[1:], "stdin": sys.stdin.read(),
+          "env": {k: v for k, v in os.environ.items() if k.startswith("RTASK_PARAM_")}}
+with open(os.environ["PM_RUNS"], "a") as f:
+    f.write(json.dumps(record) + "\\n")
+print("ran")
+"""
+
+
+def _pm_config(d: Path) -> str:
+    q = json.dumps
+    record = lambda *args: q([sys.executable, "-c", _PM_RECORD, *args])  # noqa: E731
+    runs = q(str(d / "runs.jsonl"))
+    return f"""
+[tasks.show]
+command = {record("{target}", "{version}", "--x={version}", "{note}")}
+apiKeyNames = ["ci"]
+maxInputBytes = 4096
+environment = {{ PM_RUNS = {runs} }}
+[tasks.show.parameters.version]
+type = "string"
+pattern = '^v[0-9]+\\.[0-9]+\\.[0-9]+$'
+maxLength = 32
+required = true
+[tasks.show.parameters.target]
+type = "choice"
+choices = ["staging", "production"]
+default = "staging"
+[tasks.show.parameters.note]
+type = "string"
+[tasks.show.parameters.count]
+type = "integer"
+[tasks.show.parameters.ratio]
+type = "number"
+[tasks.show.parameters.flag]
+type = "boolean"
+[tasks.show.parameters.path]
+pattern = '[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*'
+[tasks.show.parameters.token]
+secret = true
+default = "{_PM_SECRET_DEFAULT}"
+
+[tasks.plain]
+command = {record()}
+apiKeyNames = ["ci"]
+environment = {{ PM_RUNS = {runs} }}
+
+[tasks.slot]
+command = {record("{n}")}
+apiKeyNames = ["ci"]
+maxConcurrentTasks = 1
+environment = {{ PM_RUNS = {runs} }}
+[tasks.slot.parameters.n]
+type = "integer"
+required = true
+
+[tasks.hook]
+command = {record("{revision}")}
+environment = {{ PM_RUNS = {runs} }}
+[tasks.hook.signedWebhook]
+provider = "github"
+secret = "{_PM_HOOK_SECRET}"
+events = ["push"]
+[tasks.hook.signedWebhook.match]
+"/ref" = "refs/heads/main"
+"/repository/full_name" = {{ pattern = "acme/[a-z]+" }}
+[tasks.hook.parameters.revision]
+from = "/head_commit/id"
+pattern = '[0-9a-f]{{40}}'
+required = true
+[tasks.hook.parameters.first]
+from = "/commits/0/id"
+[tasks.hook.parameters.escaped]
+from = "/we~1ird/ti~0lde"
+[tasks.hook.parameters.pusher]
+type = "string"
+
+[tasks.bg]
+command = {record("{x}")}
+apiKeyNames = ["ci"]
+async = true
+environment = {{ PM_RUNS = {runs} }}
+[tasks.bg.parameters.x]
+required = true
+
+[tasks.wh]
+command = {record()}
+webhookSecrets = {{ pm = "{_PM_WH_SECRET}" }}
+environment = {{ PM_RUNS = {runs} }}
+[tasks.wh.parameters.x]
+from = "/x"
+[tasks.wh.parameters.y]
+type = "integer"
+"""
+
+
+@pytest.fixture(scope="module")
+def _pm(tmp_path_factory):
+    """.server, .ci, .dir, and .runs(): the records of every run so far."""
+    d = tmp_path_factory.mktemp("pm")
+    (d / "config.toml").write_text(_pm_config(d))
+    ci = new_key(d, "ci")
+    server = Server(d, {"RTASK_LOG": "debug"})
+
+    def runs():
+        path = d / "runs.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    try:
+        yield types.SimpleNamespace(server=server, ci=ci, dir=d, runs=runs)
+    finally:
+        server.stop()
+
+
+def _pm_post(pm, task, query="", body=b"", content_type=None, key=True) -> Response:
+    headers = {"Content-Type": content_type} if content_type else {}
+    return pm.server.request("POST", f"/tasks/{task}{query}", body, key=pm.ci if key else None,
+                             headers=headers)
+
+
+def _pm_run(pm, task, query="", body=b"", content_type=None) -> dict:
+    """POST, expect a successful run; return its record."""
+    before = len(pm.runs())
+    r = _pm_post(pm, task, query, body, content_type)
+    assert r.status == 200 and r.json["status"] == "success", r
+    runs = pm.runs()
+    assert len(runs) == before + 1
+    return runs[-1]
+
+
+def _pm_refused(pm, task, query="", body=b"", content_type=None, fragment="") -> str:
+    """POST, expect 400 invalid_parameter naming ``fragment`` and no run; return the message."""
+    before = len(pm.runs())
+    rejected = pm.server.metric("task_rejection_total", handler=task, reason="invalid_parameter")
+    r = _pm_post(pm, task, query, body, content_type)
+    assert r.status == 400, r
+    assert r.json["error"] == "invalid_parameter", r
+    assert fragment in r.json["message"], r
+    assert len(pm.runs()) == before, "a refused request ran its command"
+    assert pm.server.metric("task_rejection_total", handler=task, reason="invalid_parameter") == rejected + 1
+    return r.json["message"]
+
+
+def _pm_qs(**values) -> str:
+    return "?" + urllib.parse.urlencode(values, quote_via=urllib.parse.quote)
+
+
+def test_parameters_reach_the_command_as_env_and_whole_argv_elements(_pm):
+    rec = _pm_run(_pm, "show", _pm_qs(version="v1.4.2", count="7"), b"the body\n", "text/plain")
+    assert rec["argv"] == ["staging", "v1.4.2", "--x={version}", ""]  # default; literal; absent → ""
+    assert rec["env"] == {"RTASK_PARAM_VERSION": "v1.4.2", "RTASK_PARAM_TARGET": "staging",
+                          "RTASK_PARAM_NOTE": "", "RTASK_PARAM_COUNT": "7", "RTASK_PARAM_RATIO": "",
+                          "RTASK_PARAM_FLAG": "", "RTASK_PARAM_PATH": "",
+                          "RTASK_PARAM_TOKEN": _PM_SECRET_DEFAULT}
+    assert rec["stdin"] == "the body\n"
+
+
+def test_a_value_with_spaces_and_shell_metacharacters_is_one_argv_element_exactly(_pm):
+    hostile = "$(id); rm -rf / `uname` | cat > /tmp/x & 'a b' \"c\" * ? \\ {note} ~"
+    rec = _pm_run(_pm, "show", _pm_qs(version="v1.0.0", note=hostile))
+    assert rec["argv"] == ["staging", "v1.0.0", "--x={version}", hostile]
+    assert rec["env"]["RTASK_PARAM_NOTE"] == hostile
+
+
+@pytest.mark.parametrize("query, fragment", [
+    ("?version=v1.0.0&note=a%0Ab", "control character"),  # newline
+    ("?version=v1.0.0&note=a%00b", "control character"),  # NUL
+    ("?version=v1.0.0&note=a%1Bb", "control character"),  # ESC
+    ("?version=v1.0.0&note=%ff", "not valid UTF-8"),  # not UTF-8 in the query
+    ("?version=v1.0.0&note=" + "x" * 257, "longer than 256"),
+    ("?version=v1.0.0&note=" + "y" * 5000, "longer than 256"),
+    ("?version=v1.0.0&path=..%2Fetc", "pattern"),
+    ("?version=v1.0.0&path=%2Fetc%2Fpasswd", "pattern"),
+    ("?version=v1.0.0&path=a%2F..%2Fb", "pattern"),
+    ("?version=v1.0.0%0A", "'version'"),  # a trailing newline never passes ^...$
+    ("?version=v1.0.0;id", "pattern"),
+    ("?version=v1.0.0&version=v2.0.0", "more than once"),  # duplicate query keys
+    ("?version=v1.0.0&undeclared=1", "no parameter 'undeclared'"),
+    ("?version=v1.0.0&count=4.2", "whole number"),
+    ("?version=v1.0.0&count=0x10", "whole number"),
+    ("?version=v1.0.0&ratio=1e999999", "longer than"),
+    ("?version=v1.0.0&ratio=nan", "decimal number"),
+    ("?version=v1.0.0&flag=maybe", "true or false"),
+    ("?version=v1.0.0&target=dev", "one of: staging, production"),
+    ("?note=x", "'version' is required"),
+    ("?version=", "'version' is required"),  # an empty value counts as absent
+    ("?version=v" + "1" * 40 + ".0.0", "longer than 32"),
+])
+def test_hostile_query_values_are_refused_and_nothing_runs(_pm, query, fragment):
+    _pm_refused(_pm, "show", query, fragment=fragment)
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"version": 123}, "pattern"),  # a JSON number for a string parameter is checked as "123"
+    ({"version": "v1.0.0", "note": {"nested": "x"}}, "holds an object"),
+    ({"version": "v1.0.0", "note": ["a"]}, "holds an array"),
+    ({"version": "v1.0.0", "count": 1.0}, "whole number"),
+    ({"version": "v1.0.0", "flag": "sometimes"}, "true or false"),
+    ({"version": "v1.0.0", "note": "a\rb"}, "control character"),
+    ({"version": "v1.0.0", "note": "\udcff"}, "not valid UTF-8"),
+    ({"version": None}, "required"),  # null counts as absent
+])
+def test_hostile_json_body_values_are_refused_and_nothing_runs(_pm, body, fragment):
+    _pm_refused(_pm, "show", body=json.dumps(body).encode(), content_type="application/json",
+                fragment=fragment)
+
+
+@pytest.mark.parametrize("query, body, expected", [
+    ("?version=v1.0.0&count=042", None, {"RTASK_PARAM_COUNT": "42"}),
+    ("?version=v1.0.0&count=-0", None, {"RTASK_PARAM_COUNT": "0"}),
+    ("?version=v1.0.0&ratio=1.50", None, {"RTASK_PARAM_RATIO": "1.5"}),
+    ("?version=v1.0.0&ratio=15e-1", None, {"RTASK_PARAM_RATIO": "1.5"}),
+    ("?version=v1.0.0&ratio=2E3", None, {"RTASK_PARAM_RATIO": "2000"}),
+    ("?version=v1.0.0&flag=TRUE", None, {"RTASK_PARAM_FLAG": "true"}),
+    ("?version=v1.0.0&flag=off", None, {"RTASK_PARAM_FLAG": "false"}),
+    ("?version=v1.0.0&note=a+b%2Bc", None, {"RTASK_PARAM_NOTE": "a b+c"}),
+    ("", '{"version": "v1.0.0", "count": 42, "ratio": 1.50, "flag": true, "note": 42}',
+     {"RTASK_PARAM_COUNT": "42", "RTASK_PARAM_RATIO": "1.5", "RTASK_PARAM_FLAG": "true",
+      "RTASK_PARAM_NOTE": "42"}),  # a JSON number for a string parameter: its text
+    ("", '{"version": "v1.0.0", "ratio": 12345678901234567890.10}', {"RTASK_PARAM_RATIO": "12345678901234567890.1"}),
+    ("", '{"version": "v1.0.0", "extra": {"nested": [1, 2]}, "path": "a/b"}',
+     {"RTASK_PARAM_PATH": "a/b"}),  # undeclared body fields are only payload
+    ("?version=v9.9.9", '{"version": "v1.0.0", "target": "production"}',
+     {"RTASK_PARAM_VERSION": "v9.9.9", "RTASK_PARAM_TARGET": "production"}),  # query first
+])
+def test_values_are_canonical_and_come_from_query_then_json_body(_pm, query, body, expected):
+    data = body.encode() if body else b""
+    rec = _pm_run(_pm, "show", query, data, "application/json" if body else None)
+    assert {k: rec["env"][k] for k in expected} == expected
+    assert rec["stdin"] == data.decode()  # the body reaches stdin unchanged
+
+
+def test_form_body_fields_are_values_and_the_body_is_still_stdin(_pm):
+    body = b"version=v3.0.0&note=a+b%26c&other=x"
+    rec = _pm_run(_pm, "show", "", body, "application/x-www-form-urlencoded")
+    assert rec["argv"][1] == "v3.0.0" and rec["env"]["RTASK_PARAM_NOTE"] == "a b&c"
+    assert rec["stdin"] == body.decode()
+    _pm_refused(_pm, "show", "", b"version=v3.0.0&version=v3.0.1", "application/x-www-form-urlencoded",
+                fragment="more than once")
+
+
+def test_async_task_gets_its_parameters_and_refuses_before_answering_a_task_id(_pm):
+    r = _pm_post(_pm, "bg", "?x=" + urllib.parse.quote("one arg; $(id)"))
+    assert r.status == 200 and "task_id" in r.json, r
+    result = _pm.server.get(f"/tasks/bg/{r.json['task_id']}?wait=20", key=_pm.ci).json
+    assert result["status"] == "success", result
+    assert _pm.runs()[-1]["argv"] == ["one arg; $(id)"]
+    _pm_refused(_pm, "bg", "", fragment="'x' is required")
+    assert len(_pm.server.get("/tasks/bg", key=_pm.ci).json["runs"]) == 1  # the refused one left no run
+
+
+def test_task_without_parameters_ignores_the_query(_pm):
+    rec = _pm_run(_pm, "plain", "?utm_source=x&anything=%ff%0A")
+    assert rec["env"] == {} and rec["argv"] == []
+
+
+def test_refused_parameters_give_the_slot_back_at_once(_pm):
+    """maxConcurrentTasks = 1: a refused request followed at once by a good one runs."""
+    for _ in range(3):
+        _pm_refused(_pm, "slot", "?n=x", fragment="'n'")
+        rec = _pm_run(_pm, "slot", "?n=5")
+        assert rec["argv"] == ["5"]
+
+
+def test_parameters_are_checked_after_credentials_and_body_size(_pm):
+    before = len(_pm.runs())
+    assert _pm_post(_pm, "show", "?note=%00", key=False).status == 401
+    big = _pm_post(_pm, "show", "?version=bad", body=b"x" * 5000)
+    assert big.status == 413, big
+    assert len(_pm.runs()) == before
+
+
+def test_secret_value_never_appears_in_answers_logs_or_listings(_pm):
+    rec = _pm_run(_pm, "show", _pm_qs(version="v1.0.0", token=_PM_SECRET, note="pm-visible-note"))
+    assert rec["env"]["RTASK_PARAM_TOKEN"] == _PM_SECRET  # the command gets it
+    message = _pm_refused(_pm, "show", _pm_qs(version="v1.0.0", token=_PM_SECRET + "\n"), fragment="'token'")
+    assert _PM_SECRET not in message
+    listing = _pm.server.get("/tasks", key=_pm.ci)
+    runs = _pm.server.get("/tasks/show", key=_pm.ci)
+    for text in (listing.body.decode(), runs.body.decode(), _pm.server.log()):
+        assert _PM_SECRET not in text and _PM_SECRET_DEFAULT not in text
+    # at debug level the values of non-secret parameters are logged, names always at info
+    wait_for(lambda: "pm-visible-note" in _pm.server.log(), timeout=5)
+    assert re.search(r'info "task finished" task=show .*parameters=version,target,note,count,ratio,flag,path,token',
+                     _pm.server.log())
+
+
+def test_get_tasks_describes_parameters_without_secret_defaults(_pm):
+    tasks = {t["name"]: t for t in _pm.server.get("/tasks", key=_pm.ci).json["tasks"]}
+    params = {p["name"]: p for p in tasks["show"]["parameters"]}
+    assert params["version"] == {"name": "version", "type": "string", "required": True, "maxLength": 32,
+                                 "pattern": "^v[0-9]+\\.[0-9]+\\.[0-9]+$"}
+    assert params["target"] == {"name": "target", "type": "choice", "required": False, "maxLength": 256,
+                                "default": "staging", "choices": ["staging", "production"]}
+    assert params["token"] == {"name": "token", "type": "string", "required": False, "maxLength": 256,
+                               "secret": True}
+    assert tasks["plain"]["parameters"] == []
+
+
+def _pm_push(pm, payload, *, form=False, event="push", query="") -> Response:
+    raw = json.dumps(payload).encode()
+    body = b"payload=" + urllib.parse.quote_plus(raw).encode() if form else raw
+    headers = {"X-GitHub-Event": event, "X-Hub-Signature-256": _pm_signature(body),
+               "Content-Type": "application/x-www-form-urlencoded" if form else "application/json"}
+    return pm.server.request("POST", f"/hooks/hook{query}", body, headers=headers)
+
+
+def _pm_signature(body: bytes) -> str:
+    return "sha256=" + hmac.new(_PM_HOOK_SECRET.encode(), body, hashlib.sha256).hexdigest()
+
+
+_PM_SHA = "0123456789abcdef0123456789abcdef01234567"
+_PM_PUSH = {"ref": "refs/heads/main", "repository": {"full_name": "acme/app"},
+            "head_commit": {"id": _PM_SHA}, "commits": [{"id": "c0"}, {"id": "c1"}],
+            "we/ird": {"ti~lde": "escaped-ok"}, "pusher": "octocat"}
+
+
+@pytest.mark.parametrize("form", [False, True], ids=["json", "form-encoded"])
+def test_signed_webhook_matching_delivery_runs_with_values_from_the_payload(_pm, form):
+    before = len(_pm.runs())
+    r = _pm_push(_pm, _PM_PUSH, form=form, query="?revision=" + "f" * 40 + "&whatever=1")
+    assert r.status == 200 and r.json["status"] == "success", r
+    rec = _pm.runs()[-1]
+    assert len(_pm.runs()) == before + 1
+    assert rec["argv"] == [_PM_SHA]  # from the signed payload; the unsigned query is ignored
+    assert rec["env"]["RTASK_PARAM_FIRST"] == "c0"
+    assert rec["env"]["RTASK_PARAM_ESCAPED"] == "escaped-ok"
+    assert rec["env"]["RTASK_PARAM_PUSHER"] == ("octocat" if not form else "")
+
+
+@pytest.mark.parametrize("change", [
+    {"ref": "refs/heads/feature"},
+    {"ref": "refs/heads/main2"},
+    {"ref": None},
+    {"ref": ["refs/heads/main"]},
+    {"repository": {"full_name": "evil/app"}},
+    {"repository": {"full_name": "acme/app/../x"}},
+    {"repository": "acme/app"},
+])
+def test_signed_webhook_delivery_not_matching_every_rule_is_ignored(_pm, change):
+    before = len(_pm.runs())
+    r = _pm_push(_pm, {**_PM_PUSH, **change})
+    assert r.status == 202 and r.json["status"] == "ignored", r
+    assert len(_pm.runs()) == before
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"head_commit": None}, "'revision' is required"),
+    ({"head_commit": {"id": {"sha": _PM_SHA}}}, "holds an object"),
+    ({"head_commit": {"id": "not-a-sha"}}, "pattern"),
+    ({"head_commit": {"id": _PM_SHA + "\n"}}, "control character"),
+])
+def test_signed_webhook_refuses_bad_payload_values(_pm, change, fragment):
+    before = len(_pm.runs())
+    r = _pm_push(_pm, {**_PM_PUSH, **change})
+    assert r.status == 400 and r.json["error"] == "invalid_parameter" and fragment in r.json["message"], r
+    assert len(_pm.runs()) == before
+
+
+def test_plain_webhook_takes_from_parameters_only_from_the_payload(_pm):
+    path = f"/wh/{_PM_WH_SECRET}"
+    r = _pm.server.request("POST", path + "?y=3", json.dumps({"x": "from-body"}).encode(),
+                           headers={"Content-Type": "application/json"})
+    assert r.status == 200, r
+    assert _pm.runs()[-1]["env"] == {"RTASK_PARAM_X": "from-body", "RTASK_PARAM_Y": "3"}
+    before = len(_pm.runs())
+    r = _pm.server.request("POST", path + "?x=from-query", b"{}", headers={"Content-Type": "application/json"})
+    assert r.status == 400 and "takes its value from the payload" in r.json["message"], r
+    assert len(_pm.runs()) == before
+
+
+@pytest.mark.parametrize("pointer, expected", [
+    ("", "WHOLE"),
+    ("/a~1b", 1),
+    ("/m~0n", 2),
+    ("/~01", 3),  # ~0 is unescaped after ~1: "~01" is "~1", never "/"
+    ("/arr/0", "x"),
+    ("/arr/1", "y"),
+    ("/arr/01", "ABSENT"),  # no leading zeros
+    ("/arr/-", "ABSENT"),  # "-" (past the end) never names a value
+    ("/arr/2", "ABSENT"),
+    ("/arr/x", "ABSENT"),
+    ("/ ", 4),
+    ("/", 5),  # the empty key
+    ("/obj/k", None),
+    ("/obj/k/deeper", "ABSENT"),
+    ("/missing", "ABSENT"),
+])
+def test_json_pointer_follows_rfc_6901(pointer, expected):
+    document = {"a/b": 1, "m~n": 2, "~1": 3, "arr": ["x", "y"], " ": 4, "": 5, "obj": {"k": None}}
+    got = rtask.json_pointer_get(document, pointer)
+    if expected == "ABSENT":
+        assert got is rtask._ABSENT
+    else:
+        assert got == (document if expected == "WHOLE" else expected)
+
+
+@pytest.mark.parametrize("text, canonical", [
+    ("042", "42"), ("1.50", "1.5"), ("15e-1", "1.5"), ("1e3", "1000"), ("-0.0", "0"), ("0.001", "0.001"),
+    ("-12.340e1", "-123.4"), ("1E-3", "0.001"), ("100", "100"), ("00.5", "0.5"),
+])
+def test_numbers_have_one_canonical_decimal_form(text, canonical):
+    spec = rtask.ParameterSpec(name="n", type="number")
+    assert rtask.canonical_value(spec, text) == canonical
+
+
+_PM_BAD_DEFINITIONS = [
+    ('type = "strnig"', "parameter 'p': field 'type' must be one of"),
+    ('pattern = "("', "field 'pattern' is not a valid regular expression"),
+    ('type = "integer"\ndefault = "x"', "field 'default' fails its own rule"),
+    ('pattern = "[a-z]+"\ndefault = "ABC"', "field 'default' fails its own rule"),
+    ('type = "choice"\nchoices = ["a"]\ndefault = "b"', "field 'default' fails its own rule"),
+    ('from = "a/b"', "field 'from' must be a JSON Pointer"),
+    ('from = "/a~2"', "field 'from' must be a JSON Pointer"),
+    ('choices = ["a"]', "field 'choices' applies to type 'choice' only"),
+    ('type = "integer"\npattern = "[0-9]+"', "field 'pattern' applies to type 'string' only"),
+    ('type = "choice"', "type 'choice' needs field 'choices'"),
+    ('colour = "red"', "parameter 'p': unknown field 'colour'"),
+    ('required = true\ndefault = "x"', "either 'required = true' or 'default'"),
+    ('maxLength = 0', "field 'maxLength' must be greater than 0"),
+]
+
+
+@pytest.mark.parametrize("definition, fragment", _PM_BAD_DEFINITIONS)
+def test_check_config_names_task_and_field_of_a_bad_parameter(tmp_path, definition, fragment):
+    (tmp_path / "config.toml").write_text(
+        f'[tasks.t]\ncommand = ["echo", "{{p}}"]\napiKeyNames = ["ci"]\n[tasks.t.parameters.p]\n{definition}\n')
+    out = rtask_cli("check-config", cwd=tmp_path)
+    assert out.returncode == 1, out
+    assert "task 't'" in out.stderr and fragment in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    ('command = ["echo", "{q}"]', "field 'command' has '{q}' but the task declares no parameter 'q'"),
+    ('[tasks.t.signedWebhook]\nprovider = "github"\nsecret = "s"\n[tasks.t.signedWebhook.match]\n"/ref" = 5',
+     "field 'match' entry '/ref' must be a string"),
+    ('[tasks.t.signedWebhook]\nprovider = "github"\nsecret = "s"\n[tasks.t.signedWebhook.match]\n"ref" = "x"',
+     "field 'match' entry 'ref' must be a JSON Pointer"),
+    ('[tasks.t.signedWebhook]\nprovider = "github"\nsecret = "s"\n[tasks.t.signedWebhook.match]\n'
+     '"/ref" = { pattern = "(" }', "not a valid regular expression"),
+    ('[tasks.t.parameters.a-b]\n[tasks.t.parameters.a_b]', "both become RTASK_PARAM_A_B"),
+])
+def test_check_config_refuses_undeclared_arguments_bad_match_rules_and_clashing_names(tmp_path, extra, fragment):
+    command = "" if extra.startswith("command") else 'command = ["echo"]\n'
+    (tmp_path / "config.toml").write_text(f'[tasks.t]\n{command}apiKeyNames = ["ci"]\n{extra}\n')
+    out = rtask_cli("check-config", cwd=tmp_path)
+    assert out.returncode == 1 and fragment in out.stderr, out.stderr
+
+
+def test_rtask_call_sends_parameters_percent_encoded(_pm):
+    env = {**os.environ, "RTASK_API_KEY": _pm.ci, "RTASK_URL": f"http://127.0.0.1:{_pm.server.port}"}
+    env.pop("RTASK_AUTH_TOKEN", None)
+    note = "a b&c=d;$(id)+%ff#x"
+    out = rtask_cli("call", "show", "-p", "version=v2.0.0", "-p", f"note={note}", "--param", "target=production",
+                    cwd=_pm.dir, env=env)
+    assert out.returncode == 0 and out.stdout == "ran\n", out
+    assert _pm.runs()[-1]["argv"] == ["production", "v2.0.0", "--x={version}", note]
+    out = rtask_cli("call", "show", "--follow", "-p", "version=v2.0.1", cwd=_pm.dir, env=env)
+    assert out.returncode == 0 and out.stdout == "ran\n", out
+    assert _pm.runs()[-1]["argv"][1] == "v2.0.1"
+    out = rtask_cli("call", "show", "-p", "version=bad", cwd=_pm.dir, env=env)
+    assert out.returncode == 2 and "400" in out.stderr and "'version'" in out.stderr, out
+    out = rtask_cli("call", "show", "-p", "novalue", cwd=_pm.dir, env=env)
+    assert out.returncode == 1 and "NAME=VALUE" in out.stderr and "Traceback" not in out.stderr, out
+
+
+def test_shipped_config_parameter_example_works(tmp_path):
+    (tmp_path / "config.toml").write_text((HERE / "config.toml").read_text())
+    out = rtask_cli("check-config", cwd=tmp_path)
+    assert "error" not in out.stderr, out.stderr
+    token = new_key(tmp_path, "ci")
+    server = Server(tmp_path)
+    try:
+        r = server.post("greet?name=" + urllib.parse.quote("Ada Lovelace; $(id)"), key=token)
+        assert r.status == 200 and r.json["stdout"] == "hello, Ada Lovelace; $(id)!\n", r
+        r = server.post("greet?name=Ada&greeting=goodbye", key=token)
+        assert r.status == 200 and r.json["stdout"] == "goodbye, Ada!\n", r
+        r = server.post("greet?name=Ada&greeting=hi", key=token)
+        assert r.status == 400 and r.json["error"] == "invalid_parameter", r
+    finally:
+        server.stop()
