@@ -1768,9 +1768,10 @@ def _resolve_program(task: TaskSpec, env: dict[str, str], uid: int, gids) -> str
 
 
 def _may_execute(st: os.stat_result, path: str, uid: int, gids) -> bool:
-    """Execute permission of a regular file for ``uid`` and ``gids`` (None: the server's own
-    identity, which os.access answers), from the mode bits as the kernel checks them: root
-    needs any x bit, the owner the owner's bit, a group member the group's, others the rest."""
+    """Can ``uid`` with ``gids`` (None: the server's own identity, which os.access answers)
+    execute this regular file, reaching it through its directories? Judged from the mode bits
+    as the kernel checks them (ACLs are not read): root needs an x bit on the file and none on
+    directories, the owner the owner's bit, a group member the group's, others the rest."""
     import stat
     if not stat.S_ISREG(st.st_mode):
         return False
@@ -1778,6 +1779,18 @@ def _may_execute(st: os.stat_result, path: str, uid: int, gids) -> bool:
         return os.access(path, os.X_OK)
     if uid == 0:
         return bool(st.st_mode & 0o111)
+    directory, parents = os.path.dirname(os.path.abspath(path)), []
+    while directory not in parents:
+        parents.append(directory)
+        directory = os.path.dirname(directory)
+    try:
+        return all(_x_bit(os.stat(d), uid, gids) for d in parents) and _x_bit(st, uid, gids)
+    except OSError:
+        return False
+
+
+def _x_bit(st: os.stat_result, uid: int, gids) -> bool:
+    import stat
     if st.st_uid == uid:
         return bool(st.st_mode & stat.S_IXUSR)
     if st.st_gid in gids:
