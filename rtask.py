@@ -1481,10 +1481,13 @@ class ConcurrencyLimit:
 # A task may run with less than the server has (SPEC §13): another user and group, a umask, a
 # filtered environment, resource limits, and only for callers from some networks. Identity and
 # limits are in force before the command's first instruction, without preexec_fn (which can
-# deadlock a threaded server): subprocess.Popen switches user, groups and umask in C between
-# fork and exec, and the limits are set by util-linux ``prlimit``, which sets them on itself and
-# then execs the command. Where prlimit is missing, the limits are refused at start-up.
+# deadlock a threaded server). Two small util-linux programs are exec'd in front of the
+# command: ``setpriv`` switches user and groups, ``prlimit`` sets the limits on itself; each
+# then execs the next. Popen applies the umask in C between fork and exec. (Popen's own user=
+# would do the switch too, but it makes Popen fork the whole server instead of vfork: measured
+# at half the throughput of setpriv, bench/isolation.py. A Python trampoline costs ~20 ms.)
 
+SETPRIV = "/usr/bin/setpriv"
 PRLIMIT = "/usr/bin/prlimit"
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"  # PATH of a task that inherits no environment
 
@@ -1605,7 +1608,7 @@ def _parse_limits(where, table, problems: Problems) -> ResourceLimits | None:
     import resource
     options = {key: (field, _limit_value(smallest)) for key, (field, _, _, smallest) in _LIMIT_OPTIONS.items()}
     fields = _parse_table(where, table, options, problems)
-    if fields and not os.access(PRLIMIT, os.X_OK):
+    if fields and not os.access(PRLIMIT, os.X_OK):  # util-linux; essential on Debian and Ubuntu
         problems.errors.append(f"{where}: limits need {PRLIMIT} (util-linux), which is not installed")
     for key, (field, _, name, _) in _LIMIT_OPTIONS.items():
         hard = resource.getrlimit(getattr(resource, name))[1]
@@ -1631,6 +1634,9 @@ def _check_identity_allowed(where, fields, problems: Problems):
     """Only root may switch users or groups: an ordinary server refuses at start-up (and
     check-config says so) rather than failing every run."""
     if os.geteuid() == 0:
+        if ("user" in fields or "group" in fields) and not os.access(SETPRIV, os.X_OK):
+            problems.errors.append(f"{where}: fields 'user' and 'group' need {SETPRIV} (util-linux), "
+                                   f"which is not installed")
         return
     import grp
     import pwd
@@ -1698,23 +1704,24 @@ def isolated_spawn(task: TaskSpec, env: dict[str, str]) -> tuple[list[str], dict
     from starting: an unknown user or group, a limit above the server's hard limit, a program
     missing or not executable by that user.
 
-    With limits, the argv is ``prlimit --as=N ... -- /resolved/program args``. The program is
-    resolved and checked here, with the run's PATH and identity, so that prlimit's own exit
-    codes 126/127 ("cannot execute") are not what a missing program looks like."""
+    The argv is ``[setpriv --reuid=U --regid=G --groups=.. --] [prlimit --as=N .. --]
+    /resolved/program args``. The program is resolved and checked here, with the run's PATH
+    and identity, so that the wrappers' own exit codes 126/127 ("cannot execute") never stand
+    for a missing program: that is a -2, as without wrappers."""
     iso = task.isolation
     if iso is None:
         return list(task.command), {}
     options = {} if iso.umask is None else {"umask": iso.umask}
-    uid, gids = os.geteuid(), None
+    wrappers, uid, gids = [], os.geteuid(), None
     if os.geteuid() == 0 and (iso.user or iso.group):
         uid, gid, gids = _identity(iso)
-        options.update(user=uid, group=gid, extra_groups=gids)
-    if iso.limits is None or not iso.limits.items():
+        wrappers += [SETPRIV, f"--reuid={uid}", f"--regid={gid}", "--groups=" + ",".join(map(str, gids)), "--"]
+    if iso.limits and iso.limits.items():
+        _check_limits(iso.limits)
+        wrappers += [PRLIMIT, *(f"{_LIMIT_OPTIONS[key][1]}={value}" for key, value in iso.limits.items()), "--"]
+    if not wrappers:
         return list(task.command), options
-    _check_limits(iso.limits)
-    program = _resolve_program(task, env, uid, gids)
-    args = [f"{_LIMIT_OPTIONS[key][1]}={value}" for key, value in iso.limits.items()]
-    return [PRLIMIT, *args, "--", program, *task.command[1:]], options
+    return [*wrappers, _resolve_program(task, env, uid, gids), *task.command[1:]], options
 
 
 def _identity(iso: IsolationSpec) -> tuple[int, int, list[int]]:
