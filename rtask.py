@@ -12,7 +12,7 @@ Start (serves the shipped config.toml), and test::
 
 The contract (names, formats, status codes, defaults) is SPEC.md; README.md is the manual.
 The file reads in the order of a request's path: constants → configuration → key store →
-authentication → limits → execution → results → HTTP → metrics → logging → CLI.
+authentication → limits → isolation → execution → results → HTTP → metrics → logging → CLI.
 
 License: MIT.
 """
