@@ -7499,14 +7499,20 @@ def _iso_unprivileged_copy(owner: str) -> Path:
     return d
 
 
-def _iso_start_as(d: Path, user: str) -> subprocess.Popen:
-    import pwd
-    entry = pwd.getpwnam(user)
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "PYTHONPATH": str(d / "pp"), "HOME": str(d)}
-    return subprocess.Popen(["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups",
-                             "/usr/bin/python3", str(d / "rtask.py"), "run", "--api-address", "127.0.0.1:0",
-                             "--metrics-address", "127.0.0.1:0"],
-                            cwd=d, env=env, stdout=open(d / "server.log", "wb"), stderr=subprocess.STDOUT)
+class _IsoServerAs(Server):
+    """``rtask run`` started as an ordinary user (setpriv) from a directory it owns."""
+
+    def __init__(self, d: Path, user: str):
+        import pwd
+        entry = pwd.getpwnam(user)
+        self.workdir, self.log_path = d, d / "server.log"
+        self._log = open(self.log_path, "wb")
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "PYTHONPATH": str(d / "pp"), "HOME": str(d)}
+        self.proc = subprocess.Popen(
+            ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups",
+             "/usr/bin/python3", str(d / "rtask.py"), "run", "--api-address", "127.0.0.1:0",
+             "--metrics-address", "127.0.0.1:0"],
+            cwd=d, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
 
 def test_server_as_an_ordinary_user_refuses_user_and_applies_limits(_iso_users):
@@ -7524,10 +7530,10 @@ def test_server_as_an_ordinary_user_refuses_user_and_applies_limits(_iso_users):
             apiKeyNames = ["ci"]
             user = "root"
             """))
-        refused = _iso_start_as(d, user)
-        assert refused.wait(60) == 1, (d / "server.log").read_text()
-        assert "task 'as_root': field 'user' is 'root', but the server runs as " + user in \
-            (d / "server.log").read_text()
+        refused = _IsoServerAs(d, user)
+        assert refused.proc.wait(60) == 1, refused.log()
+        refused.stop()
+        assert "task 'as_root': field 'user' is 'root', but the server runs as " + user in refused.log()
 
         (d / "config.toml").write_text(textwrap.dedent("""
             [tasks.limited]
@@ -7538,10 +7544,7 @@ def test_server_as_an_ordinary_user_refuses_user_and_applies_limits(_iso_users):
             """))
         key = new_key(d, "ci")
         os.chown(d / "keys.toml", entry.pw_uid, entry.pw_gid)
-        server = Server.__new__(Server)
-        server.workdir, server.log_path = d, d / "server.log"
-        server.proc = _iso_start_as(d, user)
-        server._log = open(os.devnull, "wb")
+        server = _IsoServerAs(d, user)
         try:
             server.port, server.metrics_port = server._wait_for_ports()
             started = time.monotonic()
