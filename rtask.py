@@ -1661,17 +1661,17 @@ def _known_uid(uid: int) -> bool:
 
 def inherited_environment(task: TaskSpec) -> dict[str, str]:
     """What a task takes of the server's environment (built once per task): everything by
-    default; with inheritEnvironment = false nothing but PATH=DEFAULT_PATH; with a list, only
-    those variables (plus PATH=DEFAULT_PATH when PATH is not one of them). A task with a
-    ``user`` gets that user's HOME, USER and LOGNAME; its ``environment`` still goes on top."""
+    default, with HOME, USER and LOGNAME of the task's ``user`` instead of the server's; with
+    inheritEnvironment = false nothing but PATH=DEFAULT_PATH; with a list, only those
+    variables (plus PATH=DEFAULT_PATH when PATH is not one of them). The task's
+    ``environment`` goes on top of this."""
     iso = task.isolation
     if iso is None:
         return dict(os.environ)
-    if iso.inherit_environment is True:
-        env = dict(os.environ)
-    else:
+    if iso.inherit_environment is not True:
         names = iso.inherit_environment or ()
-        env = {"PATH": DEFAULT_PATH, **{n: os.environ[n] for n in names if n in os.environ}}
+        return {"PATH": DEFAULT_PATH, **{n: os.environ[n] for n in names if n in os.environ}}
+    env = dict(os.environ)
     if iso.user:
         import pwd
         with contextlib.suppress(KeyError):
