@@ -7154,6 +7154,11 @@ def _iso_config(tmp: Path, user: str, group: str) -> str:
         apiKeyNames = ["ci"]
         inheritEnvironment = ["RTASK_T_VISIBLE"]
 
+        [tasks.env_user]
+        command = ["env"]
+        apiKeyNames = ["ci"]
+        user = "{user}"
+
         [tasks.ulimits]
         command = ["sh", "-c", "ulimit -v; ulimit -n; ulimit -f"]
         apiKeyNames = ["ci"]
@@ -7267,6 +7272,14 @@ def test_inherit_environment_list_passes_only_the_named_variables(_iso):
     env = dict(line.split("=", 1) for line in out["stdout"].splitlines())
     assert env["RTASK_T_VISIBLE"] == "seen" and "RTASK_T_SECRET" not in env, env
     assert "HOME" not in env and env["PATH"] == "/usr/local/bin:/usr/bin:/bin", env
+
+
+def test_a_user_task_inheriting_the_environment_gets_the_users_home(_iso):
+    import pwd
+    out = _iso.server.post("env_user", key=_iso.ci).json
+    env = dict(line.split("=", 1) for line in out["stdout"].splitlines())
+    assert (env["HOME"], env["USER"], env["LOGNAME"]) == (pwd.getpwnam(_iso.user).pw_dir, _iso.user, _iso.user), env
+    assert env["RTASK_T_SECRET"] == "s3cret", env  # inheritEnvironment defaults to true
 
 
 def test_limits_are_in_force_for_the_command(_iso):
