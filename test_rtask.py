@@ -7130,6 +7130,12 @@ def _iso_config(tmp: Path, user: str, group: str) -> str:
         apiKeyNames = ["ci"]
         user = "{user}"
 
+        [tasks.ident_status]
+        command = ["grep", "-E", "^(Uid|Gid|CapPrm|CapEff):", "/proc/self/status"]
+        apiKeyNames = ["ci"]
+        user = "{user}"
+        limits = {{ openFiles = 64 }}
+
         [tasks.ident_group]
         command = ["id"]
         apiKeyNames = ["ci"]
@@ -7243,6 +7249,16 @@ def test_isolated_run_has_the_users_uid_primary_and_supplementary_groups(_iso):
     assert out["status"] == "success", out
     assert out["stdout"].startswith(f"uid={entry.pw_uid}({_iso.user}) gid={entry.pw_gid}("), out
     assert f"{grp.getgrnam(_iso.extra).gr_gid}({_iso.extra})" in out["stdout"].split("groups=")[1], out
+
+
+def test_isolated_run_keeps_no_way_back_to_root(_iso):
+    """Real, effective, saved and filesystem ids all switched; no capability left."""
+    import pwd
+    entry = pwd.getpwnam(_iso.user)
+    out = _iso.server.post("ident_status", key=_iso.ci).json
+    status = dict(line.split(":\t", 1) for line in out["stdout"].splitlines())
+    assert status["Uid"].split() == [str(entry.pw_uid)] * 4 and status["Gid"].split() == [str(entry.pw_gid)] * 4, out
+    assert int(status["CapPrm"], 16) == int(status["CapEff"], 16) == 0, out
 
 
 def test_isolated_run_with_group_has_only_that_group(_iso):
