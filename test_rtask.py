@@ -7424,6 +7424,7 @@ def test_allowed_networks_refuses_other_addresses_before_credentials(start_serve
                                   ("GET", f"/tasks/net/{run_id}/events", auth), ("POST", "/hooks/nethook", {})):
         refused = _iso_request(server, method, path, far, headers)
         assert (refused.status, refused.json["error"]) == (403, "forbidden"), (method, path, refused)
+    assert [t["name"] for t in _iso_request(server, "GET", "/tasks", headers=auth).json["tasks"]] == ["net"]
     assert _iso_request(server, "GET", "/tasks", far, auth).json["tasks"] == []
     assert server.metric("task_rejection_total", handler="net", reason="network_not_allowed") == 6
     assert server.metric("task_rejection_total", handler="nethook", reason="network_not_allowed") == 1
