@@ -1485,7 +1485,8 @@ class ConcurrencyLimit:
 # command: ``setpriv`` switches user and groups, ``prlimit`` sets the limits on itself; each
 # then execs the next. Popen applies the umask in C between fork and exec. (Popen's own user=
 # would do the switch too, but it makes Popen fork the whole server instead of vfork: measured
-# at half the throughput of setpriv, bench/isolation.py. A Python trampoline costs ~20 ms.)
+# at half the throughput of setpriv, bench/isolation.py. A Python trampoline costs ~20 ms; a
+# spawner process that forks and sets ids and limits itself was no faster than the wrappers.)
 
 SETPRIV = "/usr/bin/setpriv"
 PRLIMIT = "/usr/bin/prlimit"

@@ -7,8 +7,10 @@ Two figures, each against a plain run measured in the same process, interleaved:
   that can apply identity and limits without a preexec_fn, from this small process:
   subprocess.Popen alone (the baseline, vfork), Popen's own `user=/group=/extra_groups=`
   (which makes Popen fork instead of vfork), the util-linux `setpriv` and `prlimit` exec
-  wrappers alone and chained (what rtask does), Popen user= with prlimit, and a Python
-  trampoline (`python3 -I -S -c`, setrlimit then exec). Median of rounds; ratios to plain.
+  wrappers alone and chained (what rtask does), Popen user= with prlimit, a Python
+  trampoline (`python3 -I -S -c`, setrlimit then exec), and, as a prototype of what rtask
+  does not do, the work of a spawner process (this small process forks; the child sets
+  limits and ids in Python and execs). Median of rounds; ratios to plain.
 - **HTTP throughput** of `POST /tasks/<name>` on one rtask server whose tasks all run
   `/bin/echo hi`: `plain`; `limits` (memoryBytes, openFiles); as root also `user`
   (`nobody`) and `user+limits`. Rounds alternate between the tasks; the best round of each
@@ -71,6 +73,37 @@ def spawn_cost(argv, extra, n) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
+def spawner_cost(as_root, n) -> float:
+    """µs per run of what a spawner process would do (not something rtask does): this small,
+    single-threaded process forks, and the child sets limits (and identity) in Python, then
+    execs. The IPC a real spawner needs to hand over the request and the exit is not counted."""
+    import resource
+    t0 = time.perf_counter()
+    for _ in range(n):
+        out_r, out_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setsid()
+                os.dup2(out_w, 1)
+                resource.setrlimit(resource.RLIMIT_AS, (LIMITS["memoryBytes"],) * 2)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (LIMITS["openFiles"],) * 2)
+                if as_root:
+                    os.setgroups([65534])
+                    os.setresgid(65534, 65534, 65534)
+                    os.setresuid(65534, 65534, 65534)
+                os.execv(COMMAND[0], COMMAND)
+            finally:
+                os._exit(127)
+        os.close(out_w)
+        out = os.read(out_r, 100)
+        os.close(out_r)
+        _, status = os.waitpid(pid, 0)
+        if status != 0 or out != b"hi\n":
+            raise BenchError(f"spawner prototype answered {status} {out!r}")
+    return (time.perf_counter() - t0) / n * 1e6
+
+
 def write_config(tmp, as_root) -> list[str]:
     """The tasks to compare, all /bin/echo hi; returns their names, plain first."""
     limits = "limits = { " + ", ".join(f"{k} = {v}" for k, v in LIMITS.items()) + " }"
@@ -99,11 +132,13 @@ def main(argv=None):
            f"{os.cpu_count()} CPUs"]
 
     found = mechanisms(as_root)
-    costs = {name: [] for name in found}
+    spawner = "spawner prototype (fork+set+exec)"
+    costs = {name: [] for name in [*found, spawner]}
     for r in range(args.rounds):
         for name, (cmd, extra) in found.items():
             n = max(10, args.spawns // 10) if name.startswith("trampoline") else args.spawns
             costs[name].append(spawn_cost(cmd, extra, n))
+        costs[spawner].append(spawner_cost(as_root, args.spawns))
         log(f"spawn round {r + 1}/{args.rounds} done")
     base = statistics.median(costs["plain"])
     out.append("SPAWN per run (median of rounds), /bin/echo hi with pipes:")
