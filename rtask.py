@@ -1603,6 +1603,8 @@ def parse_isolation(where: str, table: dict, problems: Problems) -> IsolationSpe
 
 
 def _parse_limits(where, table, problems: Problems) -> ResourceLimits | None:
+    """``[tasks.<name>.limits]``: whole numbers from their minimum (1, or 0 for
+    fileSizeBytes) up to the server's own hard limit, which a task can tighten, not raise."""
     if not isinstance(table, dict):
         problems.errors.append(f"{where} must be a table ([tasks.<name>.limits])")
         return None
@@ -1641,7 +1643,10 @@ def _check_identity_allowed(where, fields, problems: Problems):
         return
     import grp
     import pwd
-    me = pwd.getpwuid(os.geteuid()).pw_name if _known_uid(os.geteuid()) else str(os.geteuid())
+    try:
+        me = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # a uid without a passwd entry (containers)
+        me = f"uid {os.geteuid()}"
     user, group = fields.get("user"), fields.get("group")
     if user and pwd.getpwnam(user).pw_uid != os.geteuid():
         problems.errors.append(f"{where}: field 'user' is {user!r}, but the server runs as {me}, not root, "
@@ -1649,15 +1654,6 @@ def _check_identity_allowed(where, fields, problems: Problems):
     if group and grp.getgrnam(group).gr_gid != os.getegid():
         problems.errors.append(f"{where}: field 'group' is {group!r}, but the server runs as {me}, not root, "
                                f"so it cannot switch groups (run it as root, or remove the field)")
-
-
-def _known_uid(uid: int) -> bool:
-    import pwd
-    try:
-        pwd.getpwuid(uid)
-        return True
-    except KeyError:
-        return False
 
 
 def inherited_environment(task: TaskSpec) -> dict[str, str]:
