@@ -7565,3 +7565,519 @@ def test_shipped_config_parameter_example_works(tmp_path):
         assert r.status == 400 and r.json["error"] == "invalid_parameter", r
     finally:
         server.stop()
+
+
+# =============================================================================================
+# Isolation: identity, environment, limits, networks (SPEC §13; helpers prefixed _iso_)
+# =============================================================================================
+
+_ISO_SECRET = "iso-webhook-secret-0123456789"
+
+
+def _iso_require_root():
+    if os.geteuid() != 0:
+        print("skipped: creating test users needs root")
+        pytest.skip("creating test users (useradd) needs root")
+
+
+def _iso_run(*argv):
+    subprocess.run(argv, check=True, capture_output=True, timeout=60)
+
+
+class _IsoUsers:
+    """System users and groups made for these tests (rtask-t-<random>), removed at the end."""
+
+    def __init__(self):
+        self.made: list[tuple[str, str]] = []  # ("user" | "group", name), in creation order
+
+    def group(self, prefix="rtask-tg") -> str:
+        name = f"{prefix}-{secrets.token_hex(3)}"
+        _iso_run("groupadd", "--system", name)
+        self.made.append(("group", name))
+        return name
+
+    def user(self, *groups) -> str:
+        name = f"rtask-t-{secrets.token_hex(3)}"
+        extra = ["-G", ",".join(groups)] if groups else []
+        _iso_run("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                 "--user-group", *extra, name)
+        self.made.append(("user", name))
+        return name
+
+    def remove_all(self):
+        for kind, name in reversed(self.made):
+            subprocess.run(["userdel" if kind == "user" else "groupdel", name], capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def _iso_users():
+    _iso_require_root()
+    users = _IsoUsers()
+    try:
+        yield users
+    finally:
+        users.remove_all()
+
+
+def _iso_config(tmp: Path, user: str, group: str) -> str:
+    return f"""
+        [tasks.ident]
+        command = ["id"]
+        apiKeyNames = ["ci"]
+        user = "{user}"
+
+        [tasks.ident_status]
+        command = ["grep", "-E", "^(Uid|Gid|CapPrm|CapEff):", "/proc/self/status"]
+        apiKeyNames = ["ci"]
+        user = "{user}"
+        limits = {{ openFiles = 64 }}
+
+        [tasks.ident_group]
+        command = ["id"]
+        apiKeyNames = ["ci"]
+        user = "{user}"
+        group = "{group}"
+
+        [tasks.umask]
+        command = ["sh", "-c", "umask; : > made && stat -c %a made"]
+        apiKeyNames = ["ci"]
+        workdir = "{tmp / 'umask'}"
+        umask = "0027"
+
+        [tasks.env_none]
+        command = ["env"]
+        apiKeyNames = ["ci"]
+        inheritEnvironment = false
+        environment = {{ TASK_VAR = "t" }}
+        passRequestHeaders = ["X-Trace"]
+
+        [tasks.env_list]
+        command = ["env"]
+        apiKeyNames = ["ci"]
+        inheritEnvironment = ["RTASK_T_VISIBLE"]
+
+        [tasks.env_user]
+        command = ["env"]
+        apiKeyNames = ["ci"]
+        user = "{user}"
+
+        [tasks.ulimits]
+        command = ["sh", "-c", "ulimit -v; ulimit -n; ulimit -f"]
+        apiKeyNames = ["ci"]
+        user = "{user}"
+        limits = {{ memoryBytes = 209715200, openFiles = 64, fileSizeBytes = 1048576 }}
+
+        [tasks.memory]
+        command = ["/usr/bin/python3", "-c", "bytearray(400 << 20)"]
+        apiKeyNames = ["ci"]
+        user = "{user}"
+        limits = {{ memoryBytes = 209715200 }}
+
+        [tasks.cpu]
+        command = ["sh", "-c", "while :; do :; done"]
+        apiKeyNames = ["ci"]
+        executionTimeoutSeconds = 60
+        limits = {{ cpuSeconds = 1 }}
+
+        [tasks.nproc]
+        command = ["/usr/bin/python3", "-c", "import os; os.fork() or os._exit(0); os.wait(); print('forked')"]
+        apiKeyNames = ["ci"]
+        user = "{user}"
+        limits = {{ processes = 1 }}
+
+        [tasks.nproc_ok]
+        command = ["/usr/bin/python3", "-c", "import os; os.fork() or os._exit(0); os.wait(); print('forked')"]
+        apiKeyNames = ["ci"]
+        user = "{user}"
+        limits = {{ processes = 16 }}
+
+        [tasks.stubborn]
+        command = ["sh", "-c", "trap '' TERM; sh -c \\"trap '' TERM; echo $$; exec sleep 60\\" & sleep 60"]
+        apiKeyNames = ["ci"]
+        user = "{user}"
+        executionTimeoutSeconds = 1
+        limits = {{ openFiles = 64 }}
+
+        [tasks.noexec]
+        command = ["{tmp / 'root-only'}"]
+        apiKeyNames = ["ci"]
+        user = "{user}"
+
+        [tasks.noexec_limited]
+        command = ["{tmp / 'root-only'}"]
+        apiKeyNames = ["ci"]
+        user = "{user}"
+        limits = {{ openFiles = 64 }}
+
+        [tasks.missing_limited]
+        command = ["rtask-no-such-program"]
+        apiKeyNames = ["ci"]
+        user = "{user}"
+        limits = {{ openFiles = 64 }}
+        """
+
+
+@pytest.fixture(scope="module")
+def _iso(_iso_users, tmp_path_factory):
+    """A server as root with tasks that drop to a test user: .server, .ci, .user, .group,
+    .extra (a supplementary group of the user), .users (to make more)."""
+    tmp = tmp_path_factory.mktemp("iso")
+    extra, other = _iso_users.group(), _iso_users.group("rtask-to")
+    user = _iso_users.user(extra)
+    (tmp / "umask").mkdir()
+    (tmp / "root-only").write_text("#!/bin/sh\necho ran\n")
+    (tmp / "root-only").chmod(0o700)
+    (tmp / "config.toml").write_text(textwrap.dedent(_iso_config(tmp, user, other)))
+    ci = new_key(tmp, "ci")
+    server = Server(tmp, {"RTASK_T_SECRET": "s3cret", "RTASK_T_VISIBLE": "seen"})
+    try:
+        yield types.SimpleNamespace(server=server, ci=ci, user=user, group=other, extra=extra,
+                                    users=_iso_users, dir=tmp)
+    finally:
+        server.stop()
+
+
+def test_isolated_run_has_the_users_uid_primary_and_supplementary_groups(_iso):
+    import grp
+    import pwd
+    entry = pwd.getpwnam(_iso.user)
+    out = _iso.server.post("ident", key=_iso.ci).json
+    assert out["status"] == "success", out
+    assert out["stdout"].startswith(f"uid={entry.pw_uid}({_iso.user}) gid={entry.pw_gid}("), out
+    assert f"{grp.getgrnam(_iso.extra).gr_gid}({_iso.extra})" in out["stdout"].split("groups=")[1], out
+
+
+def test_isolated_run_keeps_no_way_back_to_root(_iso):
+    """Real, effective, saved and filesystem ids all switched; no capability left."""
+    import pwd
+    entry = pwd.getpwnam(_iso.user)
+    out = _iso.server.post("ident_status", key=_iso.ci).json
+    status = dict(line.split(":\t", 1) for line in out["stdout"].splitlines())
+    assert status["Uid"].split() == [str(entry.pw_uid)] * 4 and status["Gid"].split() == [str(entry.pw_gid)] * 4, out
+    assert int(status["CapPrm"], 16) == int(status["CapEff"], 16) == 0, out
+
+
+def test_isolated_run_with_group_has_only_that_group(_iso):
+    import grp
+    gid = grp.getgrnam(_iso.group).gr_gid
+    out = _iso.server.post("ident_group", key=_iso.ci).json
+    assert out["stdout"].split(" ", 1)[1].strip() == f"gid={gid}({_iso.group}) groups={gid}({_iso.group})", out
+
+
+def test_umask_applies_to_files_the_command_creates(_iso):
+    out = _iso.server.post("umask", key=_iso.ci).json
+    assert out["stdout"].split() == ["0027", "640"], out
+
+
+def test_inherit_environment_false_keeps_only_the_tasks_own_variables(_iso):
+    out = _iso.server.post("env_none", key=_iso.ci, headers={"X-Trace": "abc"}).json
+    env = dict(line.split("=", 1) for line in out["stdout"].splitlines())
+    assert "RTASK_T_SECRET" not in env and "RTASK_T_VISIBLE" not in env, env
+    assert env["PATH"] == "/usr/local/bin:/usr/bin:/bin", env
+    assert (env["TASK_VAR"], env["REQUEST_HEADER_X_TRACE"], env["RTASK_TASK_NAME"]) == ("t", "abc", "env_none")
+    assert set(env) <= {"PATH", "TASK_VAR", "REQUEST_HEADER_X_TRACE", "RTASK_TASK_NAME", "RTASK_TASK_ID",
+                        "RTASK_CALLER", "PWD"}, env  # sh-less env: PWD only if a shell adds it
+
+
+def test_inherit_environment_list_passes_only_the_named_variables(_iso):
+    out = _iso.server.post("env_list", key=_iso.ci).json
+    env = dict(line.split("=", 1) for line in out["stdout"].splitlines())
+    assert env["RTASK_T_VISIBLE"] == "seen" and "RTASK_T_SECRET" not in env, env
+    assert "HOME" not in env and env["PATH"] == "/usr/local/bin:/usr/bin:/bin", env
+
+
+def test_a_user_task_inheriting_the_environment_gets_the_users_home(_iso):
+    import pwd
+    out = _iso.server.post("env_user", key=_iso.ci).json
+    env = dict(line.split("=", 1) for line in out["stdout"].splitlines())
+    assert (env["HOME"], env["USER"], env["LOGNAME"]) == (pwd.getpwnam(_iso.user).pw_dir, _iso.user, _iso.user), env
+    assert env["RTASK_T_SECRET"] == "s3cret", env  # inheritEnvironment defaults to true
+
+
+def test_limits_are_in_force_for_the_command(_iso):
+    out = _iso.server.post("ulimits", key=_iso.ci).json
+    # sh reports -v in KiB and -f in 512-byte blocks
+    assert out["stdout"].split() == [str(209715200 // 1024), "64", str(1048576 // 512)], out
+
+
+def test_memory_limit_makes_a_large_allocation_fail(_iso):
+    out = _iso.server.post("memory", key=_iso.ci).json
+    assert out["status"] == "failure" and out["exit_code"] > 0, out
+    assert "MemoryError" in out.get("stderr", ""), out
+
+
+def test_cpu_seconds_ends_a_busy_loop(_iso):
+    started = time.monotonic()
+    out = _iso.server.post("cpu", key=_iso.ci, timeout=90).json
+    assert (out["status"], out["exit_code"]) == ("failure", -1), out  # killed by SIGXCPU/SIGKILL
+    assert time.monotonic() - started < 45, out  # long before the 60 s timeout
+
+
+def test_process_limit_refuses_forks_for_a_user(_iso):
+    refused = _iso.server.post("nproc", key=_iso.ci).json
+    assert refused["status"] == "failure" and "BlockingIOError" in refused.get("stderr", ""), refused
+    allowed = _iso.server.post("nproc_ok", key=_iso.ci).json
+    assert (allowed["status"], allowed.get("stdout")) == ("success", "forked\n"), allowed
+
+
+def test_timeout_kills_an_isolated_run_that_ignores_sigterm_and_its_grandchild(_iso):
+    started = time.monotonic()
+    out = _iso.server.post("stubborn", key=_iso.ci, timeout=30).json
+    assert (out["status"], out["exit_code"]) == ("timeout", -1), out
+    assert time.monotonic() - started < 10, out
+    grandchild = int(out["stdout"].split()[0])
+    wait_for(lambda: not pid_alive(grandchild), timeout=rtask.KILL_GRACE_SECONDS + 8)
+
+
+def test_program_the_user_cannot_execute_is_minus_2(_iso):
+    for task in ("noexec", "noexec_limited"):
+        out = _iso.server.post(task, key=_iso.ci).json
+        assert (out["status"], out["exit_code"]) == ("failure", -2), (task, out)
+        assert "Permission denied" in out["stderr"] and "ran" not in out.get("stdout", ""), (task, out)
+    missing = _iso.server.post("missing_limited", key=_iso.ci).json
+    assert (missing["exit_code"], missing["stderr"]) == (
+        -2, "cannot start rtask-no-such-program: No such file or directory"), missing
+
+
+def test_unknown_user_at_run_time_is_minus_2(_iso_users, start_server):
+    gone = _iso_users.user()
+    server, tokens = start_server(f"""
+        [tasks.gone]
+        command = ["id"]
+        apiKeyNames = ["ci"]
+        user = "{gone}"
+        """)
+    assert server.post("gone", key=tokens["ci"]).json["status"] == "success"
+    _iso_run("userdel", gone)
+    out = server.post("gone", key=tokens["ci"]).json
+    assert (out["status"], out["exit_code"]) == ("failure", -2), out
+    assert f"unknown user {gone!r}" in out["stderr"], out
+
+
+def test_get_config_shows_the_isolation_settings(start_server):
+    server, tokens = start_server("""
+        [tasks.shown]
+        command = ["true"]
+        apiKeyNames = ["ci"]
+        umask = "0027"
+        inheritEnvironment = ["LANG"]
+        allowedNetworks = ["127.0.0.1/32", "10.0.0.0/8"]
+        limits = { openFiles = 64, cpuSeconds = 5 }
+
+        [tasks.plain]
+        command = ["true"]
+        apiKeyNames = ["ci"]
+
+        [auth]
+        configEndpointEnabled = true
+        [auth.keyPermissions]
+        ci = ["system:config_read"]
+        """)
+    tasks = server.get("/config", key=tokens["ci"]).json["tasks"]
+    shown = {k: tasks["shown"][k] for k in ("user", "group", "umask", "inheritEnvironment", "allowedNetworks", "limits")}
+    assert shown == {"user": None, "group": None, "umask": "0027", "inheritEnvironment": ["LANG"],
+                     "allowedNetworks": ["127.0.0.1/32", "10.0.0.0/8"],
+                     "limits": {"openFiles": 64, "cpuSeconds": 5}}, shown
+    assert (tasks["plain"]["inheritEnvironment"], tasks["plain"]["limits"]) == (True, {}), tasks["plain"]
+
+
+def _iso_request(server, method, path, source="127.0.0.1", headers=None, body=b"") -> Response:
+    """A request whose TCP source address is ``source`` (any 127/8 address works on Linux)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30, source_address=(source, 0))
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return Response(resp.status, resp.headers, resp.read())
+    finally:
+        conn.close()
+
+
+_ISO_NET_CONFIG = f"""
+    [tasks.net]
+    command = ["echo", "ran"]
+    apiKeyNames = ["ci"]
+    async = true
+    allowedNetworks = ["127.0.0.1/32"]
+    webhookSecrets = {{ w = "{_ISO_SECRET}" }}
+
+    [tasks.nethook]
+    command = ["echo", "ran"]
+    allowedNetworks = ["127.0.0.1/32"]
+    signedWebhook = {{ provider = "hmac-sha256", secret = "{_ISO_SECRET}-hook" }}
+    """
+
+
+def test_allowed_networks_refuses_other_addresses_before_credentials(start_server):
+    server, tokens = start_server(_ISO_NET_CONFIG)
+    auth = {"Authorization": f"Bearer {tokens['ci']}"}
+    ok = _iso_request(server, "POST", "/tasks/net", headers=auth)
+    assert ok.status == 200, ok
+    run_id = ok.json["task_id"]
+    far = "127.0.0.2"
+    for method, path, headers in (("POST", "/tasks/net", {}), ("POST", "/tasks/net", auth),
+                                  ("GET", f"/tasks/net/{run_id}", auth), ("GET", "/tasks/net", auth),
+                                  ("DELETE", f"/tasks/net/{run_id}", auth),
+                                  ("GET", f"/tasks/net/{run_id}/events", auth), ("POST", "/hooks/nethook", {})):
+        refused = _iso_request(server, method, path, far, headers)
+        assert (refused.status, refused.json["error"]) == (403, "forbidden"), (method, path, refused)
+    assert [t["name"] for t in _iso_request(server, "GET", "/tasks", headers=auth).json["tasks"]] == ["net"]
+    assert _iso_request(server, "GET", "/tasks", far, auth).json["tasks"] == []
+    assert server.metric("task_rejection_total", handler="net", reason="network_not_allowed") == 6
+    assert server.metric("task_rejection_total", handler="nethook", reason="network_not_allowed") == 1
+    assert server.metric("task_rejection_total", handler="net", reason="missing_key") == 0
+
+
+def test_plain_webhook_from_a_disallowed_network_is_404_like_an_unknown_secret(start_server):
+    server, _ = start_server(_ISO_NET_CONFIG)
+    refused = _iso_request(server, "POST", f"/wh/{_ISO_SECRET}", "127.0.0.2")
+    unknown = _iso_request(server, "POST", "/wh/not-a-secret", "127.0.0.2")
+    assert (refused.status, refused.body) == (unknown.status, unknown.body) == (
+        404, b'{"error": "not_found", "message": "There is nothing at this path."}'), refused
+    assert server.metric("task_rejection_total", handler="net", reason="network_not_allowed") == 1
+    assert _iso_request(server, "POST", f"/wh/{_ISO_SECRET}").status == 200
+
+
+def test_allowed_networks_use_the_address_behind_a_trusted_proxy(tmp_path):
+    (tmp_path / "config.toml").write_text(textwrap.dedent("""
+        [tasks.internal]
+        command = ["echo", "ran"]
+        apiKeyNames = ["ci"]
+        allowedNetworks = ["10.0.0.0/8"]
+        """))
+    key = new_key(tmp_path, "ci")
+    server = _IgServer(tmp_path, run_args=["--trusted-proxy", "127.0.0.1"])
+    try:
+        inside = server.request("POST", "/tasks/internal", key=key, headers={"X-Forwarded-For": "10.1.2.3"})
+        assert inside.status == 200 and inside.json["stdout"] == "ran\n", inside
+        outside = server.request("POST", "/tasks/internal", headers={"X-Forwarded-For": "10.1.2.3, 192.0.2.9"})
+        assert (outside.status, outside.json["error"]) == (403, "forbidden"), outside
+        direct = server.request("POST", "/tasks/internal", key=key)  # the proxy's own address
+        assert direct.status == 403, direct
+    finally:
+        server.stop()
+
+
+def test_check_config_names_task_and_field_of_bad_isolation_settings(tmp_path):
+    out = _ck_check(tmp_path, """
+        [tasks.bad]
+        command = ["true"]
+        apiKeyNames = ["ci"]
+        user = "rtask-no-such-user"
+        group = "rtask-no-such-group"
+        umask = 27
+        inheritEnvironment = "yes"
+        allowedNetworks = ["10.0.0.0/33", "10.0.0.0/8"]
+        limits = { processes = -1, openFiles = 1.5, fileSizeBytes = 0, stackBytes = 1 }
+
+        [tasks.bad2]
+        command = ["true"]
+        apiKeyNames = ["ci"]
+        umask = "0999"
+        limits = { memoryBytes = 0 }
+        """)
+    assert out.returncode == 1, out
+    where = "config.toml: task 'bad'"
+    for expected in (f"{where}: field 'user' names the unknown user 'rtask-no-such-user'",
+                     f"{where}: field 'group' names the unknown group 'rtask-no-such-group'",
+                     f"{where}: field 'umask' must be an octal string",
+                     f"{where}: field 'inheritEnvironment' must be true, false or an array",
+                     f"{where}: field 'allowedNetworks' has a value that is not an IP address or network",
+                     f"{where}: [limits]: field 'processes' must be at least 1",
+                     f"{where}: [limits]: field 'openFiles' must be a whole number",
+                     f"{where}: [limits]: unknown field 'stackBytes'",
+                     "config.toml: task 'bad2': field 'umask' must be an octal string",
+                     "config.toml: task 'bad2': [limits]: field 'memoryBytes' must be at least 1"):
+        assert expected in out.stderr, (expected, out.stderr)
+    assert "fileSizeBytes" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.count("error: ") == 10, out.stderr
+
+
+def test_limit_above_the_servers_hard_limit_is_refused_at_start_up(tmp_path):
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("the open-files hard limit is unlimited here")
+    out = _ck_check(tmp_path, f"""
+        [tasks.wide]
+        command = ["true"]
+        apiKeyNames = ["ci"]
+        limits = {{ openFiles = {hard + 1} }}
+        """)
+    assert out.returncode == 1 and (f"task 'wide': [limits]: field 'openFiles' is {hard + 1}, above the "
+                                    f"server's hard limit {hard}") in out.stderr, out
+
+
+def _iso_unprivileged_copy(owner: str) -> Path:
+    """A directory the test user owns, holding rtask.py and the third-party packages it needs
+    (the test interpreter may live under /root, which the user cannot read)."""
+    import pwd
+    import shutil
+    import tempfile
+    d = Path(tempfile.mkdtemp(prefix="rtask-t-"))
+    shutil.copy(RTASK, d / "rtask.py")
+    site = Path(cbor2.__file__).parent.parent
+    for name in ("argon2", "_argon2_cffi_bindings", "cffi", "cbor2", "prometheus_client"):
+        shutil.copytree(site / name, d / "pp" / name)
+    for backend in site.glob("_cffi_backend*.so"):
+        shutil.copy(backend, d / "pp" / backend.name)
+    entry = pwd.getpwnam(owner)
+    for path in [d, *d.rglob("*")]:
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+    return d
+
+
+class _IsoServerAs(Server):
+    """``rtask run`` started as an ordinary user (setpriv) from a directory it owns."""
+
+    def __init__(self, d: Path, user: str):
+        import pwd
+        entry = pwd.getpwnam(user)
+        self.workdir, self.log_path = d, d / "server.log"
+        self._log = open(self.log_path, "wb")
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "PYTHONPATH": str(d / "pp"), "HOME": str(d)}
+        self.proc = subprocess.Popen(
+            ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups",
+             "/usr/bin/python3", str(d / "rtask.py"), "run", "--api-address", "127.0.0.1:0",
+             "--metrics-address", "127.0.0.1:0"],
+            cwd=d, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+
+def test_server_as_an_ordinary_user_refuses_user_and_applies_limits(_iso_users):
+    import pwd
+    import shutil
+    if not Path("/usr/bin/python3").exists() or not shutil.which("setpriv"):
+        pytest.skip("needs /usr/bin/python3 and setpriv")
+    user = _iso_users.user()
+    entry = pwd.getpwnam(user)
+    d = _iso_unprivileged_copy(user)
+    try:
+        (d / "config.toml").write_text(textwrap.dedent("""
+            [tasks.as_root]
+            command = ["true"]
+            apiKeyNames = ["ci"]
+            user = "root"
+            """))
+        refused = _IsoServerAs(d, user)
+        assert refused.proc.wait(60) == 1, refused.log()
+        refused.stop()
+        assert "task 'as_root': field 'user' is 'root', but the server runs as " + user in refused.log()
+
+        (d / "config.toml").write_text(textwrap.dedent("""
+            [tasks.limited]
+            command = ["sh", "-c", "id -u; ulimit -n; trap '' TERM; sleep 60"]
+            apiKeyNames = ["ci"]
+            executionTimeoutSeconds = 1
+            limits = { openFiles = 64 }
+            """))
+        key = new_key(d, "ci")
+        os.chown(d / "keys.toml", entry.pw_uid, entry.pw_gid)
+        server = _IsoServerAs(d, user)
+        try:
+            server.port, server.metrics_port = server._wait_for_ports()
+            started = time.monotonic()
+            out = server.post("limited", key=key).json
+            assert (out["status"], out["stdout"].split()) == ("timeout", [str(entry.pw_uid), "64"]), out
+            assert time.monotonic() - started < 10, out
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
