@@ -2940,8 +2940,8 @@ class ConnectionLimit:
         self.total = 0
         self._by_address: collections.Counter = collections.Counter()
         self._lock = threading.Lock()
-        self._accepts = ResourceShortage(f"accept a {name} connection")
-        self._threads = ResourceShortage(f"start a {name} connection thread")
+        self._accepts = ResourceShortage(f"accept {name} connections")
+        self._threads = ResourceShortage(f"start {name} connection threads")
 
     def accept(self, accept):
         try:
