@@ -1557,6 +1557,7 @@ class Run:
         self.status = "queued"
         self.exit_code = -1
         self.launch = None  # while queued: the callable waiting in the task's line
+        self.short_of_resources = False  # not started for want of processes, descriptors or memory
         self.stdout = Output(task.max_output_bytes)
         self.stderr = Output(task.max_output_bytes)
         self.done = threading.Event()
@@ -1653,6 +1654,11 @@ def spawn(task: TaskSpec, env: dict[str, str], stdin: int, stdout: int, stderr: 
                                 env=env, start_new_session=True, close_fds=True)
     except subprocess.SubprocessError as e:
         raise OSError(str(e)) from None
+
+
+# Errors of a start that mean the machine is short of something (processes, descriptors,
+# memory) rather than that the task is wrong: a caller still waiting gets 503 and may retry.
+_START_SHORTAGE_ERRNOS = frozenset({errno.EAGAIN, errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 
 
 class _Child:
@@ -1957,6 +1963,7 @@ class Executor:
         if target and target != run.task.command[0]:
             message += f" ({target})"
         run.add_output(run.stderr, message.encode())
+        run.short_of_resources = getattr(error, "errno", None) in _START_SHORTAGE_ERRNOS
         run.finish("failure", -2)
         # On the reactor, later: a failed start of a queued run hands its slot to the next in
         # line, which may fail too; done inline, a long line of them would recurse.
@@ -2601,6 +2608,12 @@ def execute(h: RequestHandler, state: TaskState, caller: Caller, body: bytes | N
     run = Run(task, caller, h.client())
     env = build_environment(task, run, h.headers)
     start_when_admitted(state, run, lambda: h.app.launch(state, run, body, env))
+    if run.short_of_resources:
+        # Its slot is given back already. (A run started later from the line has no caller
+        # waiting: its result says why it did not start.)
+        state.runs.discard(run)
+        raise Reject(503, "unavailable", "The server cannot start a process right now; retry shortly.",
+                     headers=[("Retry-After", "1")])
     if task.is_async:
         h.send_json(200, {"task_id": run.id, "status": run.shown_status()})
     elif "text/event-stream" in (h.headers.get("accept") or ""):

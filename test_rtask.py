@@ -7543,3 +7543,48 @@ def test_av_sighup_as_soon_as_the_port_answers_reloads(tmp_path):
         finally:
             proc.terminate()
             proc.wait(15)
+
+
+def test_av_process_that_cannot_start_for_want_of_descriptors_is_503(start_server):
+    """Issue 9.1, the executor: with the server out of descriptors (RLIMIT_NOFILE lowered
+    under it), a run whose pipes cannot be made gives its slot back and is answered 503 with
+    Retry-After (sync and async), with no traceback; once descriptors are back, runs start."""
+    server, tokens = start_server('''
+        [tasks.hello]
+        command = ["true"]
+        apiKeyNames = ["ci"]
+        maxConcurrentTasks = 1
+
+        [tasks.later]
+        command = ["true"]
+        apiKeyNames = ["ci"]
+        async = true
+        maxConcurrentTasks = 1
+        ''')
+    pid = server.proc.pid
+    soft = resource.prlimit(pid, resource.RLIMIT_NOFILE)[0]
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    headers = {"Authorization": f"Bearer {tokens['ci']}", "Content-Length": "0"}
+
+    def post(task):
+        conn.request("POST", f"/tasks/{task}", headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.headers, json.loads(resp.read())
+
+    try:
+        assert post("hello")[0] == 200  # the connection's thread exists, the key is cached
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (3, resource.prlimit(pid, resource.RLIMIT_NOFILE)[1]))
+        try:
+            for task in ("hello", "later", "hello"):  # the same slot twice: it was given back
+                status, resp_headers, body = post(task)
+                assert (status, body["error"]) == (503, "unavailable"), (task, status, body)
+                assert resp_headers["Retry-After"] == "1"
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, resource.prlimit(pid, resource.RLIMIT_NOFILE)[1]))
+        status, _, body = post("hello")
+        assert (status, body["status"]) == (200, "success"), body
+        status, _, body = post("later")
+        assert status == 200 and "task_id" in body, body
+    finally:
+        conn.close()
+    assert "Traceback" not in server.log()
