@@ -868,9 +868,16 @@ def decode_stored_key(name: str, text: str) -> StoredKey:
 
 def argon2id(secret: bytes, salt: bytes, time_cost: int, memory_mib: int, threads: int,
              length: int) -> bytes:
+    """The raw hash. MemoryError when its memory or threads cannot be had (argon2-cffi says
+    HashingError, as for any failure of the C library; with these parameters checked, only
+    memory and thread allocation can fail)."""
+    from argon2.exceptions import HashingError
     from argon2.low_level import Type, hash_secret_raw
-    return hash_secret_raw(secret, salt, time_cost=time_cost, memory_cost=memory_mib * 1024,
-                           parallelism=threads, hash_len=length, type=Type.ID)
+    try:
+        return hash_secret_raw(secret, salt, time_cost=time_cost, memory_cost=memory_mib * 1024,
+                               parallelism=threads, hash_len=length, type=Type.ID)
+    except HashingError as e:
+        raise MemoryError(str(e)) from None
 
 
 def new_stored_key(name: str, key_id: int) -> tuple[StoredKey, str]:
@@ -1139,6 +1146,10 @@ class KeyRing:
         try:
             digest = argon2id(key, stored.salt, stored.time, stored.memory_mib, stored.threads,
                               len(stored.hash))
+        except MemoryError as e:  # its 64 MiB or its threads cannot be had now (SPEC §5)
+            log.warning("cannot verify a key now: out of memory or threads", extra={"fields": {"problem": str(e)}})
+            raise Reject(503, "unavailable", "The server cannot verify keys right now; retry shortly.",
+                         "auth_overloaded", [("Retry-After", "1")]) from None
         finally:
             self._argon2_slots.release()
         if not hmac.compare_digest(digest, stored.hash):

@@ -7588,3 +7588,33 @@ def test_av_process_that_cannot_start_for_want_of_descriptors_is_503(start_serve
     finally:
         conn.close()
     assert "Traceback" not in server.log()
+
+
+def test_av_key_check_without_memory_is_503_and_recovers(start_server):
+    """Issue 9.1, Argon2: when its 64 MiB cannot be had (RLIMIT_AS lowered under the server),
+    a key check is answered 503 with Retry-After and one log line, no traceback, no 500;
+    with memory back, the same key works."""
+    server, tokens = start_server(_AV_CONFIG)
+    pid = server.proc.pid
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.request("GET", "/health")
+        assert conn.getresponse().read() and True  # the connection's thread and its arena exist
+        hard = resource.prlimit(pid, resource.RLIMIT_AS)[1]
+        size = int(re.search(r"^VmSize:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M)[1]) * 1024
+        headers = {"Authorization": f"Bearer {tokens['ci']}", "Content-Length": "0"}
+        resource.prlimit(pid, resource.RLIMIT_AS, (size + 16 * 1024 * 1024, hard))
+        try:
+            conn.request("POST", "/tasks/hello", headers=headers)
+            resp = conn.getresponse()
+            body = json.loads(resp.read())
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_AS, (hard, hard))
+        assert (resp.status, body["error"], resp.headers["Retry-After"]) == (503, "unavailable", "1"), body
+        conn.request("POST", "/tasks/hello", headers=headers)
+        resp = conn.getresponse()
+        assert (resp.status, json.loads(resp.read())["status"]) == (200, "success")
+    finally:
+        conn.close()
+    log_text = server.log()
+    assert "Traceback" not in log_text and log_text.count("cannot verify a key now") == 1, log_text
