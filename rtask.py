@@ -3335,12 +3335,14 @@ def cmd_run(args) -> int:
                             lambda: start_metrics_server(*metrics_address, metrics, args.tls_cert, args.tls_key))
     metrics_port = metrics_server.server_address[1]
     gc.freeze()  # start-up objects never become garbage; keep them out of every collection
-    threading.Thread(target=server.serve_forever, name="rtask-accept", daemon=True).start()
+    if not start_thread(server.serve_forever, "rtask-accept"):
+        raise ConfigError("cannot start the thread that accepts connections; check the process limit "
+                          "(ulimit -u, systemd TasksMax)")
     log.info("rtask listening", extra={"fields": {
         "api": f"{'https' if tls else 'http'}://{api[0]}:{server.server_address[1]}",
         "metrics": f"{metrics_address[0]}:{metrics_port}", "tasks": len(config.tasks), "keys": len(keys)}})
-    if app.starting:
-        threading.Thread(target=app.prepare_auth, name="rtask-prepare", daemon=True).start()
+    if app.starting and not start_thread(app.prepare_auth, "rtask-prepare"):
+        app.prepare_auth()  # here, then: signals wait until it is done (at most the JWKS timeout)
     while True:
         # A timeout, not a plain wait: a signal that the kernel delivers to another thread
         # only runs its Python handler once the main thread executes again.
@@ -3353,6 +3355,17 @@ def cmd_run(args) -> int:
             else:
                 drain(server, app)
                 return 0
+
+
+def start_thread(target, name: str) -> bool:
+    """Start one of the server's own daemon threads; False, with one warning line, when a
+    process or thread limit refuses it (the caller decides what to do without it)."""
+    try:
+        threading.Thread(target=target, name=name, daemon=True).start()
+    except (RuntimeError, MemoryError) as e:
+        log.warning("cannot start a thread", extra={"fields": {"thread": name, "problem": str(e)}})
+        return False
+    return True
 
 
 def listen(address: str, start):
