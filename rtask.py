@@ -2905,7 +2905,7 @@ class ResourceShortage:
     accept loop should pause: ACCEPT_BACKOFF_FIRST, doubling up to ACCEPT_BACKOFF_MAX."""
 
     def __init__(self, what: str):
-        self.what = what  # "start a connection thread", for the log
+        self.what = what  # "start API connection threads", for the log
         self._failures = 0
         self._since = 0.0
         self._pause = 0.0
