@@ -7343,13 +7343,15 @@ def test_av_accept_backs_off_when_out_of_descriptors(tmp_path):
         lines = _av_log_lines_since(server, before)
         assert 1 <= len(lines) <= 4, "\n".join(lines[:20])
         assert all("resource exhausted" in line for line in lines), lines
+        for s in socks:
+            s.close()
+        wait_for(lambda: _av_get(server.port).startswith(b"HTTP/1.1 200 "), timeout=10, interval=0.2)
+        wait_for(lambda: b"python_info" in _av_get(server.metrics_port, "/metrics"), timeout=10, interval=0.2)
+        assert "resource available again" in server.log()
     finally:
         for s in socks:
             s.close()
-    wait_for(lambda: _av_get(server.port).startswith(b"HTTP/1.1 200 "), timeout=10, interval=0.2)
-    wait_for(lambda: b"python_info" in _av_get(server.metrics_port, "/metrics"), timeout=10, interval=0.2)
-    assert "resource available again" in server.log()
-    server.stop()
+        server.stop()
 
 
 # ---------------------------------------------------------------------------------------------
