@@ -2620,8 +2620,9 @@ def execute(h: RequestHandler, state: TaskState, caller: Caller, body: bytes | N
     env = build_environment(task, run, h.headers)
     start_when_admitted(state, run, lambda: h.app.launch(state, run, body, env))
     if run.short_of_resources:
-        # Its slot is given back already. (A run started later from the line has no caller
-        # waiting: its result says why it did not start.)
+        # Answered once its slot is given back (the reactor ends the run at once). A run
+        # started later from the line has no caller waiting: its result says why it did not start.
+        run.done.wait()
         state.runs.discard(run)
         raise Reject(503, "unavailable", "The server cannot start a process right now; retry shortly.",
                      headers=[("Retry-After", "1")])
