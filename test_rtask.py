@@ -5991,10 +5991,12 @@ def _rs_wrong_key(key_id: int) -> str:
     return rtask.encode_api_key(key_id, os.urandom(rtask.KEY_BYTES))
 
 
-def _rs_post(port: int, task: str, token: str, timeout=30.0, close=True):
-    """One POST on a fresh connection → (status, headers, body dict, seconds)."""
+def _rs_post(port: int, task: str, token: str, timeout=30.0, close=True, source=None):
+    """One POST on a fresh connection (from address ``source``, default 127.0.0.1) →
+    (status, headers, body dict, seconds)."""
     start = time.monotonic()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout,
+                                      source_address=(source, 0) if source else None)
     try:
         headers = {"Authorization": f"Bearer {token}", "Content-Length": "0"}
         if close:
@@ -6139,7 +6141,8 @@ def test_resilience_wrong_key_flood_bounds_memory_and_serves_a_cached_key(start_
     try:
         time.sleep(0.3)  # the flood is in the server: Argon2 slots taken, hundreds waiting
         pending_at_send = pending()
-        valid = _rs_post(server.port, "hello", tokens["ci"], timeout=30)
+        # (from another address: the flood's holds its share of the connections)
+        valid = _rs_post(server.port, "hello", tokens["ci"], timeout=30, source="127.0.0.2")
         pending_at_answer = pending()
     finally:
         join(time.monotonic() + 60)
