@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import codecs
 import difflib
+import errno
 import fcntl
 import functools
 import gc
@@ -115,8 +116,17 @@ MAX_CONNECTIONS = 1024  # open client connections (one handler thread each)
 REQUEST_READ_TIMEOUT = 10.0  # seconds to send a whole request (line, headers, body)
 KEEPALIVE_IDLE_TIMEOUT = 30.0  # seconds an idle keep-alive connection is kept open
 SOCKET_WRITE_TIMEOUT = 30.0  # a client that stops reading its answer is dropped after this
+# One peer address (the TCP peer: a proxy is one address) may hold at most this fraction of a
+# listener's connection cap, so that one client cannot lock the others out (run
+# --max-connections-per-address overrides it for the API listener).
+CONNECTION_SHARE_PER_ADDRESS = 1 / 4
 METRICS_MAX_CONNECTIONS = 64  # open connections to the metrics listener; more are closed at once
 METRICS_SOCKET_TIMEOUT = 10.0  # a metrics client silent this long (on one read or write) is dropped
+METRICS_REQUEST_TIMEOUT = 10.0  # seconds a metrics connection has to send its request and be answered
+# Accept errors (out of file descriptors, memory) pause the accept loop instead of spinning:
+# first this long, doubling up to the bound, back to the start after an accept succeeds.
+ACCEPT_BACKOFF_FIRST = 0.05
+ACCEPT_BACKOFF_MAX = 1.0
 MAX_REQUEST_LINE = 8192
 MAX_HEADER_LINE = 8192
 MAX_HEADERS = 100
@@ -883,9 +893,16 @@ def decode_stored_key(name: str, text: str) -> StoredKey:
 
 def argon2id(secret: bytes, salt: bytes, time_cost: int, memory_mib: int, threads: int,
              length: int) -> bytes:
+    """The raw hash. MemoryError when its memory or threads cannot be had (argon2-cffi says
+    HashingError, as for any failure of the C library; with these parameters checked, only
+    memory and thread allocation can fail)."""
+    from argon2.exceptions import HashingError
     from argon2.low_level import Type, hash_secret_raw
-    return hash_secret_raw(secret, salt, time_cost=time_cost, memory_cost=memory_mib * 1024,
-                           parallelism=threads, hash_len=length, type=Type.ID)
+    try:
+        return hash_secret_raw(secret, salt, time_cost=time_cost, memory_cost=memory_mib * 1024,
+                               parallelism=threads, hash_len=length, type=Type.ID)
+    except HashingError as e:
+        raise MemoryError(str(e)) from None
 
 
 def new_stored_key(name: str, key_id: int) -> tuple[StoredKey, str]:
@@ -942,7 +959,7 @@ def write_file_atomically(path: str, data: bytes, mode: int):
     rename, fsync the directory. A crash leaves either the old file or the new one."""
     directory = os.path.dirname(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=_temporary_prefix(path), suffix=".tmp")
     except OSError as e:
         raise ConfigError(f"cannot write {path}: {e.strerror}") from None
     try:
@@ -963,6 +980,28 @@ def write_file_atomically(path: str, data: bytes, mode: int):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _temporary_prefix(path: str) -> str:
+    return "." + os.path.basename(path) + "."
+
+
+def remove_leftover_temporaries(path: str):
+    """Delete the temporary files an interrupted write_file_atomically(path) left behind (a
+    process killed between writing and renaming): regular files beside ``path`` named
+    ``.<name>.XXXXXXXX.tmp``, as mkstemp names them there; nothing else. Call it with the
+    file's lock held, so that no write in progress loses its file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    leftover = re.compile(re.escape(_temporary_prefix(path)) + r"[a-z0-9_]{8}\.tmp")
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            if leftover.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                log.info("removed a temporary file an interrupted write left", extra={"fields": {"file": entry.path}})
 
 
 class KeyFileLock:
@@ -997,6 +1036,7 @@ def add_key(keys_path: str, name: str) -> str:
         raise ConfigError(f"key name {name!r} may only use letters, digits, '_', '.', '-'")
     keys_path = _real_path(keys_path)
     with KeyFileLock(keys_path):
+        remove_leftover_temporaries(keys_path)
         keys = parse_key_file(keys_path)
         if name in keys:
             raise ConfigError(f"{keys_path}: key {name!r} already exists; use remove-key first")
@@ -1013,6 +1053,7 @@ def add_key(keys_path: str, name: str) -> str:
 def remove_key(keys_path: str, name: str):
     keys_path = _real_path(keys_path)
     with KeyFileLock(keys_path):
+        remove_leftover_temporaries(keys_path)
         keys = parse_key_file(keys_path)
         if name not in keys:
             raise ConfigError(f"{keys_path}: there is no key named {name!r} (see list-keys)")
@@ -1086,6 +1127,8 @@ class KeyRing:
             self._checked = now
             stamp = self._file_stamp()
             if stamp == self._stamp:
+                if force and stamp is None:
+                    self.warn_missing()
                 return
             self._stamp = stamp
             try:
@@ -1096,7 +1139,15 @@ class KeyRing:
                 return
             self._by_id = {k.id: k for k in keys.values()}
             self._cache.clear()
-            log.info("keys reloaded", extra={"fields": {"keys": len(keys), "file": self.path}})
+            if stamp is None:
+                self.warn_missing()
+            else:
+                log.info("keys reloaded", extra={"fields": {"keys": len(keys), "file": self.path}})
+
+    def warn_missing(self):
+        """A missing keys file is an empty store (SPEC §4), so every key is refused: say so."""
+        log.warning(f"keys file {self.path} is missing: every API key gets 401 until it exists again "
+                    f"(rtask add-key creates it)", extra={"fields": {"file": self.path}})
 
     def verify(self, token: str) -> str:
         """The name of the key ``token`` is, or Reject(401). Unknown ids never reach Argon2."""
@@ -1120,6 +1171,10 @@ class KeyRing:
         try:
             digest = argon2id(key, stored.salt, stored.time, stored.memory_mib, stored.threads,
                               len(stored.hash))
+        except MemoryError as e:  # its 64 MiB or its threads cannot be had now (SPEC §5)
+            log.warning("cannot verify a key now: out of memory or threads", extra={"fields": {"problem": str(e)}})
+            raise Reject(503, "unavailable", "The server cannot verify keys right now; retry shortly.",
+                         "auth_overloaded", [("Retry-After", "1")]) from None
         finally:
             self._argon2_slots.release()
         if not hmac.compare_digest(digest, stored.hash):
@@ -2366,6 +2421,7 @@ class Run:
         self.status = "queued"
         self.exit_code = -1
         self.launch = None  # while queued: the callable waiting in the task's line
+        self.short_of_resources = False  # not started for want of processes, descriptors or memory
         self.stdout = Output(task.max_output_bytes)
         self.stderr = Output(task.max_output_bytes)
         self.done = threading.Event()
@@ -2463,6 +2519,11 @@ def spawn(task: TaskSpec, env: dict[str, str], stdin: int, stdout: int, stderr: 
                                 env=env, start_new_session=True, close_fds=True, **isolation)
     except subprocess.SubprocessError as e:
         raise OSError(str(e)) from None
+
+
+# Errors of a start that mean the machine is short of something (processes, descriptors,
+# memory) rather than that the task is wrong: a caller still waiting gets 503 and may retry.
+_START_SHORTAGE_ERRNOS = frozenset({errno.EAGAIN, errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 
 
 class _Child:
@@ -2767,6 +2828,7 @@ class Executor:
         if target and target != run.task.command[0]:
             message += f" ({target})"
         run.add_output(run.stderr, message.encode())
+        run.short_of_resources = getattr(error, "errno", None) in _START_SHORTAGE_ERRNOS
         run.finish("failure", -2)
         # On the reactor, later: a failed start of a queued run hands its slot to the next in
         # line, which may fail too; done inline, a long line of them would recurse.
@@ -3016,7 +3078,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.close_connection = True
         self.body_pending = False
         watchdog = self.server.watchdog
-        watchdog.arm(self.connection, KEEPALIVE_IDLE_TIMEOUT)
+        watchdog.arm(self.connection, KEEPALIVE_IDLE_TIMEOUT, idle=True)
         try:
             line = self.rfile.readline(MAX_REQUEST_LINE + 1)
         except OSError:
@@ -3427,6 +3489,13 @@ def execute(h: RequestHandler, state: TaskState, caller: Caller, body: bytes | N
     env.update(parameter_environment(task, resolved))
     log_parameter_values(run, task, resolved)
     start_when_admitted(state, run, lambda: h.app.launch(state, run, body, env))
+    if run.short_of_resources:
+        # Answered once its slot is given back (the reactor ends the run at once). A run
+        # started later from the line has no caller waiting: its result says why it did not start.
+        run.done.wait()
+        state.runs.discard(run)
+        raise Reject(503, "unavailable", "The server cannot start a process right now; retry shortly.",
+                     headers=[("Retry-After", "1")])
     if task.is_async:
         h.send_json(200, {"task_id": run.id, "status": run.shown_status()})
     elif "text/event-stream" in (h.headers.get("accept") or ""):
@@ -3648,17 +3717,33 @@ class ReadWatchdog:
     An idle connection is shut both ways. A late request is shut for reading only, when the
     arm asked for an answer: the handler's read then ends, ``expired`` says why, and the
     handler can still write a 400. (Not under TLS: shutting an SSLSocket drops its TLS layer,
-    so a later write would go out in the clear; there the connection is shut both ways.)"""
+    so a later write would go out in the clear; there the connection is shut both ways.)
+
+    A socket armed as ``idle`` waits for its next request (a fresh connection for its first):
+    ``close_idle`` may close it early to make room when the connection cap is reached."""
 
     def __init__(self):
-        self._deadlines: dict[socket.socket, tuple[float, bool]] = {}
+        self._deadlines: dict[socket.socket, tuple[float, bool, bool]] = {}  # → (when, answer, idle)
         self._expired: set[socket.socket] = set()
         self._lock = threading.Lock()
         threading.Thread(target=self._loop, name="rtask-watchdog", daemon=True).start()
 
-    def arm(self, sock, seconds: float, answer=False):
+    def arm(self, sock, seconds: float, answer=False, idle=False):
         with self._lock:
-            self._deadlines[sock] = (time.monotonic() + seconds, answer)
+            self._deadlines[sock] = (time.monotonic() + seconds, answer, idle)
+
+    def close_idle(self) -> bool:
+        """Shut the connection that has waited longest for its next request, whose thread then
+        ends at once; False when no connection is idle."""
+        with self._lock:
+            idle = [(when, s) for s, (when, _, is_idle) in self._deadlines.items() if is_idle]
+            if not idle:
+                return False
+            sock = min(idle, key=lambda entry: entry[0])[1]
+            del self._deadlines[sock]
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        return True
 
     def disarm(self, sock):
         with self._lock:
@@ -3675,7 +3760,7 @@ class ReadWatchdog:
             time.sleep(0.25)
             now = time.monotonic()
             with self._lock:
-                late = [(s, answer) for s, (t, answer) in self._deadlines.items() if t <= now]
+                late = [(s, answer) for s, (t, answer, _) in self._deadlines.items() if t <= now]
                 for s, answer in late:
                     del self._deadlines[s]
                     if answer:
@@ -3687,38 +3772,146 @@ class ReadWatchdog:
                     pass
 
 
+class ResourceShortage:
+    """A resource the server cannot always have (a thread, a file descriptor at accept), as
+    one warning when its failures begin and one line when it is back, never a line per
+    failure: an exhausted server must not flood its log too. ``failed`` returns how long an
+    accept loop should pause: ACCEPT_BACKOFF_FIRST, doubling up to ACCEPT_BACKOFF_MAX."""
+
+    def __init__(self, what: str):
+        self.what = what  # "start API connection threads", for the log
+        self._failures = 0
+        self._since = 0.0
+        self._pause = 0.0
+        self._lock = threading.Lock()
+
+    def failed(self, error: BaseException) -> float:
+        with self._lock:
+            first = not self._failures
+            self._failures += 1
+            if first:
+                self._since, self._pause = time.monotonic(), ACCEPT_BACKOFF_FIRST
+            else:
+                self._pause = min(2 * self._pause, ACCEPT_BACKOFF_MAX)
+            pause = self._pause
+        if first:
+            log.warning("resource exhausted; refusing until it is back", extra={"fields": {
+                "cannot": self.what, "problem": getattr(error, "strerror", None) or str(error)}})
+        return pause
+
+    def succeeded(self):
+        if not self._failures:  # the usual case, without the lock
+            return
+        with self._lock:
+            failures, self._failures = self._failures, 0
+        if failures:
+            log.info("resource available again", extra={"fields": {
+                "can": self.what, "failures": failures, "seconds": round(time.monotonic() - self._since, 1)}})
+
+
+# accept() errors that mean a resource ran out (rather than one client's connection failing)
+_EXHAUSTED_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def connection_share(cap: int) -> int:
+    """The connections one peer address may hold by default: CONNECTION_SHARE_PER_ADDRESS of the cap."""
+    return max(1, int(cap * CONNECTION_SHARE_PER_ADDRESS))
+
+
+class ConnectionLimit:
+    """The open connections of one listener (one handler thread each), per process: at most
+    ``cap`` in all and ``per_address`` from one peer address (SPEC §5 "Fairness under
+    exhaustion"). Used by both listeners, around their accept loop:
+
+    - ``accept`` pauses the loop (growing delay) while accept() fails for want of descriptors
+      or memory, instead of spinning on a listening socket that stays readable;
+    - ``start`` admits a connection and starts its thread, or refuses it: a peer over its
+      share, a full cap with nothing ``make_room`` could close, or a thread that cannot start
+      (which gives its slot back: the server recovers by itself when threads can start again);
+    - ``release`` gives the slot back when the connection's thread ends.
+
+    A connection closed by ``make_room`` keeps its slot until its thread has ended, a moment
+    later, so the count may pass ``cap`` by the connections being closed that way."""
+
+    def __init__(self, name: str, cap: int, per_address: int):
+        self.cap, self.per_address = cap, per_address
+        self.total = 0
+        self._by_address: collections.Counter = collections.Counter()
+        self._lock = threading.Lock()
+        self._accepts = ResourceShortage(f"accept {name} connections")
+        self._threads = ResourceShortage(f"start {name} connection threads")
+
+    def accept(self, accept):
+        try:
+            connection = accept()
+        except OSError as e:
+            if e.errno in _EXHAUSTED_ERRNOS:
+                time.sleep(self._accepts.failed(e))
+            raise  # the accept loop skips the failed accept
+        self._accepts.succeeded()
+        return connection
+
+    def start(self, start_thread, request, address: str, refuse, make_room=lambda: False):
+        """Call ``start_thread()`` if the connection is admitted, else ``refuse(request)``."""
+        if not self._admit(address, make_room):
+            refuse(request)
+            return
+        try:
+            start_thread()
+        except (RuntimeError, MemoryError) as e:  # "can't start new thread": a process, cgroup or memory limit
+            self.release(address)
+            self._threads.failed(e)
+            refuse(request)
+            return
+        self._threads.succeeded()
+
+    def _admit(self, address: str, make_room) -> bool:
+        with self._lock:
+            if self._by_address[address] >= self.per_address:
+                return False
+            if self.total >= self.cap and not make_room():
+                return False
+            self.total += 1
+            self._by_address[address] += 1
+            return True
+
+    def release(self, address: str):
+        with self._lock:
+            self.total -= 1
+            self._by_address[address] -= 1
+            if not self._by_address[address]:
+                del self._by_address[address]
+
+
 class Server(ThreadingHTTPServer):
-    """ThreadingHTTPServer with a bound on open connections (one thread each)."""
+    """ThreadingHTTPServer whose connections (one thread each) are bounded by a
+    ConnectionLimit; at the cap, idle keep-alive connections are closed to make room."""
 
     daemon_threads = True
     block_on_close = False
     request_queue_size = 128
 
-    def __init__(self, address, handler, app: App, tls=None, trusted_proxies=()):
+    def __init__(self, address, handler, app: App, tls=None, trusted_proxies=(),
+                 max_connections=MAX_CONNECTIONS, per_address=None):
         self.app = app
-        self.tls = tls  # ssl.SSLContext; the handshake happens in the connection's own thread
+        self.tls = tls  # ssl.SSLContext (SIGHUP may replace it); the handshake happens in the connection's own thread
         self.trusted_proxies = trusted_proxies  # ipaddress networks whose X-Forwarded-For counts
         self.watchdog = ReadWatchdog()
-        self.connections = 0
-        self._conn_lock = threading.Lock()
+        self.limit = ConnectionLimit("API", max_connections, per_address or connection_share(max_connections))
         super().__init__(address, handler)
 
+    def get_request(self):
+        return self.limit.accept(super().get_request)
+
     def process_request(self, request, client_address):
-        with self._conn_lock:
-            full = self.connections >= MAX_CONNECTIONS
-            if not full:
-                self.connections += 1
-        if full:
-            _refuse_connection(request)
-            return
-        super().process_request(request, client_address)
+        self.limit.start(lambda: super(Server, self).process_request(request, client_address),
+                         request, client_address[0], _refuse_connection, self.watchdog.close_idle)
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            with self._conn_lock:
-                self.connections -= 1
+            self.limit.release(client_address[0])
 
     def handle_error(self, request, client_address):
         log.exception("connection error", extra={"fields": {"client": client_address[0]}})
@@ -3742,9 +3935,10 @@ def _refuse_connection(sock):
         sock.close()
 
 
-def make_server(address: tuple[str, int], app: App, tls=None, trusted_proxies=()) -> Server:
+def make_server(address: tuple[str, int], app: App, tls=None, trusted_proxies=(),
+                max_connections=MAX_CONNECTIONS, per_address=None) -> Server:
     handler = type("BoundRequestHandler", (RequestHandler,), {"app": app})
-    return Server(address, handler, app, tls, trusted_proxies)
+    return Server(address, handler, app, tls, trusted_proxies, max_connections, per_address)
 
 
 # =============================================================================================
@@ -3839,9 +4033,10 @@ def _le(bound: float) -> str:
     return str(int(bound)) + ".0" if bound == int(bound) else repr(bound)
 
 
-def start_metrics_server(host: str, port: int, metrics: Metrics, cert=None, key=None) -> int:
+def start_metrics_server(host: str, port: int, metrics: Metrics, cert=None, key=None):
     """Serve /metrics with the client library's own server (HTTPS with the API's certificate
-    when given; its default context allows TLS 1.2 or newer); returns the bound port."""
+    when given; its default context allows TLS 1.2 or newer); returns that server (its
+    ``server_address`` holds the bound port)."""
     from prometheus_client import REGISTRY, start_http_server
     REGISTRY.register(metrics)
     httpd, _ = start_http_server(port, addr=host, certfile=cert, keyfile=key)
@@ -3851,32 +4046,43 @@ def start_metrics_server(host: str, port: int, metrics: Metrics, cert=None, key=
         # accept loop, where one silent client stalls every scrape. Deferred, the handshake
         # happens in the connection's own thread on its first read.
         httpd.socket.do_handshake_on_connect = False
-    return httpd.server_address[1]
+    return httpd
+
+
+def reload_metrics_tls(httpd, cert: str, key: str):
+    """SIGHUP: new metrics connections get the pair now in the files. The library wrapped its
+    listening socket with its own context, which cannot be swapped, but a context can load a
+    new pair (connections already open keep theirs). The caller has checked the pair with
+    tls_context first, since a failed load could leave the context half changed."""
+    httpd.socket.context.load_cert_chain(cert, key)
 
 
 def _bound_connections(httpd):
     """The library's server gives each connection a thread for as long as the client likes.
-    Bound both, on this instance (its accept loop looks the methods up on it): at most
-    METRICS_MAX_CONNECTIONS at once, each dropped after METRICS_SOCKET_TIMEOUT of silence."""
-    slots = threading.BoundedSemaphore(METRICS_MAX_CONNECTIONS)
+    Bound both, on this instance (its accept loop looks the methods up on it), as the API
+    listener is bound: at most METRICS_MAX_CONNECTIONS at once and a share of them per peer
+    address (ConnectionLimit), each given METRICS_REQUEST_TIMEOUT in all to send its request
+    and be answered (a per-read timeout alone lets a client trickle a header byte every few
+    seconds forever) and dropped after METRICS_SOCKET_TIMEOUT of silence."""
+    limit = ConnectionLimit("metrics", METRICS_MAX_CONNECTIONS, connection_share(METRICS_MAX_CONNECTIONS))
+    watchdog = ReadWatchdog()
     accept, process, process_in_thread = httpd.get_request, httpd.process_request, httpd.process_request_thread
 
     def get_request():
-        request, address = accept()
+        request, address = limit.accept(accept)
         request.settimeout(METRICS_SOCKET_TIMEOUT)
         return request, address
 
     def process_request(request, address):
-        if slots.acquire(blocking=False):
-            process(request, address)
-        else:
-            httpd.shutdown_request(request)
+        limit.start(lambda: process(request, address), request, address[0], httpd.shutdown_request)
 
     def process_request_thread(request, address):
+        watchdog.arm(request, METRICS_REQUEST_TIMEOUT)
         try:
             process_in_thread(request, address)
         finally:
-            slots.release()
+            watchdog.disarm(request)
+            limit.release(address[0])
 
     httpd.get_request, httpd.process_request = get_request, process_request
     httpd.process_request_thread = process_request_thread
@@ -3983,9 +4189,11 @@ def cmd_run(args) -> int:
     trusted_proxies = parse_networks(args.trusted_proxy, "--trusted-proxy")
     metrics = Metrics()
     app = App(config, KeyRing(args.api_keys_file, keys), metrics)
-    server = listen(args.api_address, lambda: make_server(api, app, tls, trusted_proxies))
-    metrics_port = listen(args.metrics_address,
-                          lambda: start_metrics_server(*metrics_address, metrics, args.tls_cert, args.tls_key))
+    if not os.path.exists(args.api_keys_file) and (config.auth.key_permissions or
+                                                   any(t.api_key_names for t in config.tasks.values())):
+        app.keyring.warn_missing()
+    # Signals are caught before any listener is bound: a SIGHUP sent as soon as the port
+    # answers must reload, not kill (its default action). They wait in line until the loop below.
     signals: collections.deque = collections.deque()
     wake = threading.Event()
 
@@ -3995,13 +4203,20 @@ def cmd_run(args) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
+    server = listen(args.api_address, lambda: make_server(api, app, tls, trusted_proxies, args.max_connections,
+                                                          args.max_connections_per_address))
+    metrics_server = listen(args.metrics_address,
+                            lambda: start_metrics_server(*metrics_address, metrics, args.tls_cert, args.tls_key))
+    metrics_port = metrics_server.server_address[1]
     gc.freeze()  # start-up objects never become garbage; keep them out of every collection
-    threading.Thread(target=server.serve_forever, name="rtask-accept", daemon=True).start()
+    if not start_thread(server.serve_forever, "rtask-accept"):
+        raise ConfigError("cannot start the thread that accepts connections; check the process limit "
+                          "(ulimit -u, systemd TasksMax)")
     log.info("rtask listening", extra={"fields": {
         "api": f"{'https' if tls else 'http'}://{api[0]}:{server.server_address[1]}",
         "metrics": f"{metrics_address[0]}:{metrics_port}", "tasks": len(config.tasks), "keys": len(keys)}})
-    if app.starting:
-        threading.Thread(target=app.prepare_auth, name="rtask-prepare", daemon=True).start()
+    if app.starting and not start_thread(app.prepare_auth, "rtask-prepare"):
+        app.prepare_auth()  # here, then: signals wait until it is done (at most the JWKS timeout)
     while True:
         # A timeout, not a plain wait: a signal that the kernel delivers to another thread
         # only runs its Python handler once the main thread executes again.
@@ -4010,9 +4225,21 @@ def cmd_run(args) -> int:
         while signals:
             if signals.popleft() == signal.SIGHUP:
                 reload_files(args, app)
+                reload_tls(args, server, metrics_server)
             else:
                 drain(server, app)
                 return 0
+
+
+def start_thread(target, name: str) -> bool:
+    """Start one of the server's own daemon threads; False, with one warning line, when a
+    process or thread limit refuses it (the caller decides what to do without it)."""
+    try:
+        threading.Thread(target=target, name=name, daemon=True).start()
+    except (RuntimeError, MemoryError) as e:
+        log.warning("cannot start a thread", extra={"fields": {"thread": name, "problem": str(e)}})
+        return False
+    return True
 
 
 def listen(address: str, start):
@@ -4037,6 +4264,23 @@ def tls_context(cert: str | None, key: str | None):
         raise ConfigError(f"cannot use the TLS certificate {cert} with key {key}: "
                           f"{getattr(e, 'strerror', None) or e}") from None
     return context
+
+
+def reload_tls(args, server: Server, metrics_server):
+    """SIGHUP: read the certificate and key again (a renewed certificate), for the connections
+    that come next on both listeners. A pair that cannot be used is reported and the pair in
+    use stays."""
+    if not args.tls_cert:
+        return
+    try:
+        context = tls_context(args.tls_cert, args.tls_key)
+        reload_metrics_tls(metrics_server, args.tls_cert, args.tls_key)
+    except (ConfigError, OSError, ValueError) as e:  # ssl.SSLError is an OSError
+        log.error("TLS certificate reload failed; the previous certificate stays in use",
+                  extra={"fields": {"problem": str(e)}})
+        return
+    server.tls = context
+    log.info("TLS certificate reloaded", extra={"fields": {"cert": args.tls_cert}})
 
 
 def reload_files(args, app: App):
@@ -4436,6 +4680,12 @@ def _positive_number(text: str) -> float:
     return value
 
 
+def _positive_integer(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1 or len(text) > 9:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to 999999999")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     def add_globals(p, default):
         p.add_argument("--config", default=default(DEFAULT_CONFIG_PATH), help="config file (default ./config.toml)")
@@ -4461,6 +4711,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tls-key", help="PEM private key of --tls-cert")
     run.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS",
                      help="a proxy (IP or network) whose X-Forwarded-For names the client in logs; repeatable")
+    run.add_argument("--max-connections", type=_positive_integer, default=MAX_CONNECTIONS, metavar="N",
+                     help=f"open API connections at most (default {MAX_CONNECTIONS})")
+    run.add_argument("--max-connections-per-address", type=_positive_integer, metavar="N",
+                     help="API connections one client address may hold (default a quarter of --max-connections)")
     command("add-key", cmd_add_key, "create a key and print it once").add_argument("name")
     command("list-keys", cmd_list_keys, "list key names and ids (never secrets)")
     command("remove-key", cmd_remove_key, "revoke a key").add_argument("name")

@@ -30,6 +30,7 @@ import statistics
 import string
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -5990,10 +5991,12 @@ def _rs_wrong_key(key_id: int) -> str:
     return rtask.encode_api_key(key_id, os.urandom(rtask.KEY_BYTES))
 
 
-def _rs_post(port: int, task: str, token: str, timeout=30.0, close=True):
-    """One POST on a fresh connection → (status, headers, body dict, seconds)."""
+def _rs_post(port: int, task: str, token: str, timeout=30.0, close=True, source=None):
+    """One POST on a fresh connection (from address ``source``, default 127.0.0.1) →
+    (status, headers, body dict, seconds)."""
     start = time.monotonic()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout,
+                                      source_address=(source, 0) if source else None)
     try:
         headers = {"Authorization": f"Bearer {token}", "Content-Length": "0"}
         if close:
@@ -6138,7 +6141,8 @@ def test_resilience_wrong_key_flood_bounds_memory_and_serves_a_cached_key(start_
     try:
         time.sleep(0.3)  # the flood is in the server: Argon2 slots taken, hundreds waiting
         pending_at_send = pending()
-        valid = _rs_post(server.port, "hello", tokens["ci"], timeout=30)
+        # (from another address: the flood's holds its share of the connections)
+        valid = _rs_post(server.port, "hello", tokens["ci"], timeout=30, source="127.0.0.2")
         pending_at_answer = pending()
     finally:
         join(time.monotonic() + 60)
@@ -6425,7 +6429,8 @@ def test_resilience_removed_key_in_flight_verification_is_refused(tmp_path):
 def test_resilience_1000_idle_and_half_sent_connections(start_server):
     """500 idle connections and 500 with a half-sent head do not stop a valid request; the
     half-sent ones are closed after REQUEST_READ_TIMEOUT, the idle ones after
-    KEEPALIVE_IDLE_TIMEOUT, and the server's threads go back down."""
+    KEEPALIVE_IDLE_TIMEOUT, and the server's threads go back down. (They come from five
+    addresses, 200 each: one address may hold only a share of the cap.)"""
     _rs_raise_nofile(1300)
     server, tokens = start_server(_RS_CONFIG, keys=("ci",))
     pid = server.proc.pid
@@ -6435,7 +6440,7 @@ def test_resilience_1000_idle_and_half_sent_connections(start_server):
     opened: dict[socket.socket, float] = {}
     try:
         for i in range(1000):
-            s = _rs_connect(server.port)
+            s = _av_connect(server.port, f"127.0.0.{2 + i % 5}")
             if i % 2:
                 s.sendall(b"POST /tasks/hello HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Partial: ab")
                 socks[s] = "half"
@@ -6483,7 +6488,9 @@ def test_resilience_1000_idle_and_half_sent_connections(start_server):
 
 def test_resilience_connection_cap_answers_503_then_recovers(start_server):
     """Beyond MAX_CONNECTIONS open connections a new one gets 503 + Retry-After at once
-    (instead of one more thread); once connections close, requests are served again."""
+    (instead of one more thread); once connections close, requests are served again. The
+    connections come from five addresses (one may hold only a share of the cap) and have a
+    request half sent (idle ones would be closed to make room)."""
     cap = rtask.MAX_CONNECTIONS
     _rs_raise_nofile(cap + 300)
     server, tokens = start_server(_RS_CONFIG, keys=("ci",))
@@ -6492,8 +6499,9 @@ def test_resilience_connection_cap_answers_503_then_recovers(start_server):
     threads_before = _rs_proc_status(pid)["Threads"]
     socks = []
     try:
-        for _ in range(cap):
-            socks.append(_rs_connect(server.port))
+        for i in range(cap):
+            socks.append(_av_connect(server.port, f"127.0.0.{2 + i % 5}"))
+            socks[-1].sendall(b"GET /health HTTP/1.1\r\nX-Partial: a")
         # (the connection of the request above may still hold a thread and a place: allow for it)
         wait_for(lambda: _rs_proc_status(pid)["Threads"] >= threads_before + cap - 10, timeout=15, interval=0.1)
         refused, resets = [], [0]
@@ -7046,13 +7054,14 @@ def test_call_sends_non_utf8_data_bytes_as_they_came(tmp_path):
 
 
 def test_metrics_listener_bounds_its_connections_and_drops_silent_ones(start_server):
-    """Half-sent scrapes hold at most METRICS_MAX_CONNECTIONS threads, each for at most
-    METRICS_SOCKET_TIMEOUT; then /metrics answers again."""
+    """Half-sent scrapes hold at most METRICS_MAX_CONNECTIONS threads (from one address: its
+    share of them), each for at most METRICS_SOCKET_TIMEOUT; then /metrics answers again."""
     server, _ = start_server(_RS_CONFIG, keys=())
     pid = server.proc.pid
     threads_before = _rs_proc_status(pid)["Threads"]
     socks = {}
     try:
+        first = time.monotonic()
         for _ in range(rtask.METRICS_MAX_CONNECTIONS + 16):
             s = _rs_connect(server.metrics_port)
             s.sendall(b"GET /metrics HTTP/1.1\r\n")
@@ -7063,7 +7072,7 @@ def test_metrics_listener_bounds_its_connections_and_drops_silent_ones(start_ser
         closed = _rs_wait_closed(socks, opened + rtask.METRICS_SOCKET_TIMEOUT + 5)
         assert len(closed) == len(socks), f"{len(socks) - len(closed)} silent connections still open"
         assert sum(t - opened < 2 for t in closed.values()) >= 16  # beyond the bound: closed at once
-        assert max(closed.values()) - opened >= rtask.METRICS_SOCKET_TIMEOUT - 1
+        assert max(closed.values()) - first >= rtask.METRICS_SOCKET_TIMEOUT - 1
     finally:
         for s in socks:
             s.close()
@@ -8081,3 +8090,545 @@ def test_server_as_an_ordinary_user_refuses_user_and_applies_limits(_iso_users):
             server.stop()
     finally:
         shutil.rmtree(d, ignore_errors=True)
+# ===== Availability under exhaustion: threads, descriptors, one greedy client, reloads =====
+# =============================================================================================
+
+_AV_CONFIG = """
+[tasks.hello]
+command = ["true"]
+apiKeyNames = ["ci"]
+"""
+
+
+class _AvServer(Server):
+    """A ``rtask run`` like the shared fixture, started through ``prefix`` (prlimit, setpriv:
+    the test's means, not the server's), with options after ``run``."""
+
+    def __init__(self, workdir: Path, run_args=(), prefix=(), env=None, **popen):
+        self.workdir = workdir
+        self.log_path = workdir / "server.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [*prefix, sys.executable, RTASK, "run", "--api-address", "127.0.0.1:0",
+             "--metrics-address", "127.0.0.1:0", *run_args],
+            cwd=workdir, env=env or _ck_env(), stdout=self._log, stderr=subprocess.STDOUT, **popen)
+        try:
+            self.port, self.metrics_port = self._wait_for_ports()
+        except BaseException:
+            self.stop()
+            raise
+
+
+def _av_connect(port: int, source: str = "127.0.0.1", timeout=10.0) -> socket.socket:
+    """A TCP connection from ``source`` (any 127.0.0.0/8 address: another client to the server)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.bind((source, 0))
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def _av_get(port: int, path: str = "/health", source: str = "127.0.0.1", timeout=5.0) -> bytes:
+    """GET ``path`` on a fresh connection from ``source``; the raw answer (b"" if none)."""
+    try:
+        with _av_connect(port, source, timeout) as s:
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            return data
+    except OSError:
+        return b""
+
+
+def _av_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _av_log_lines_since(server: Server, offset: int) -> list[str]:
+    return server.log()[offset:].splitlines()
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 1: a thread that cannot start gives its connection slot back
+# ---------------------------------------------------------------------------------------------
+
+
+def _av_shadowed_ancestor(path: str) -> str | None:
+    """The first directory above ``path`` that others may not enter (/root for a Python built
+    into root's home), or None."""
+    parts = Path(path).resolve().parts
+    for i in range(2, len(parts)):
+        ancestor = Path(*parts[:i])
+        if not ancestor.stat().st_mode & 0o001:
+            return str(ancestor)
+    return None
+
+
+def _av_as_user_prefix(user: str, scratch: Path) -> list[str]:
+    """argv prefix that runs a command as ``user`` (real and effective ids, no capabilities).
+    When this Python lives under a directory others may not enter, a private mount namespace
+    shows that directory as one holding only the Python tree (mode 755); nothing else changes."""
+    as_user = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
+    hidden = _av_shadowed_ancestor(sys.base_prefix)
+    if hidden is None:
+        return as_user
+    inner = Path(hidden, Path(sys.base_prefix).resolve().relative_to(hidden).parts[0])
+    shadow = scratch / "shadow"
+    (shadow / inner.name).mkdir(parents=True)
+    shadow.chmod(0o755)
+    script = (f'mount --bind "{inner}" "{shadow / inner.name}" && mount --rbind "{shadow}" "{hidden}" '
+              f'&& exec "$@"')
+    return ["unshare", "--mount", "sh", "-c", script, "sh", *as_user]
+
+
+@pytest.fixture
+def _av_user():
+    """A fresh system user for the test, removed at the end (needs root)."""
+    if os.geteuid() != 0:
+        print("SKIPPED: needs root to create a user (RLIMIT_NPROC does not bind root)")
+        pytest.skip("needs root to create a user (RLIMIT_NPROC does not bind root)")
+    name = f"rtask-t1-{secrets.token_hex(4)}"
+    subprocess.run(["useradd", "--system", "--no-create-home", name], check=True, capture_output=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)
+
+
+def test_av_thread_that_cannot_start_gives_its_slot_back(_av_user):
+    """Issue 9.1: with RLIMIT_NPROC lowered so that no thread can start, ~1100 requests get
+    503 (or a close); once the limit is lifted the server serves again by itself, on both
+    listeners, and the episode cost a bounded number of log lines and no traceback."""
+    scratch = Path(tempfile.mkdtemp(prefix="rtask-t1-"))
+    try:
+        work = scratch / "work"
+        work.mkdir()
+        (work / "config.toml").write_text(textwrap.dedent(_AV_CONFIG))
+        subprocess.run(["chown", "-R", f"{_av_user}:{_av_user}", str(work)], check=True)
+        server = _AvServer(work, prefix=_av_as_user_prefix(_av_user, scratch))
+        try:
+            pid = server.proc.pid
+            uid = int(re.search(r"^Uid:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M).group(1))
+            assert uid != 0, "the server must run as the ordinary user"
+            assert b" 200 " in _av_get(server.port).split(b"\r\n")[0]
+            time.sleep(1.0)  # the thread of that connection has ended
+            tasks = _rs_proc_status(pid)["Threads"]
+            before = len(server.log())
+            # (as the user itself: the kernel here refuses root's prlimit on another user's process)
+            as_user = ["setpriv", f"--reuid={_av_user}", f"--regid={_av_user}", "--clear-groups", "prlimit"]
+            hard = re.search(r"^Max processes\s+\S+\s+(\S+)", Path(f"/proc/{pid}/limits").read_text(), re.M)[1]
+            subprocess.run([*as_user, f"--pid={pid}", f"--nproc={tasks}:"], check=True)
+            try:
+                answers = [_av_get(server.port, timeout=5) for _ in range(1100)]
+                scrapes = [_av_get(server.metrics_port, "/metrics", timeout=5) for _ in range(100)]
+            finally:
+                subprocess.run([*as_user, f"--pid={pid}", f"--nproc={hard}:"], check=True)
+            served = [a for a in answers if b" 200 " in a.split(b"\r\n")[0]]
+            assert not served, "threads could start after all: the limit did not bind"
+            refused = [a for a in answers if a.startswith(b"HTTP/1.1 503 ")]
+            assert len(refused) >= 1000, f"only {len(refused)} of 1100 got a 503"
+            assert not any(b" 200 " in s.split(b"\r\n")[0] for s in scrapes)
+            wait_for(lambda: b" 200 " in _av_get(server.port).split(b"\r\n")[0], timeout=10, interval=0.1)
+            after = [_av_get(server.port) for _ in range(50)]
+            assert all(b" 200 " in a.split(b"\r\n")[0] for a in after), after[:3]
+            metrics = [_av_get(server.metrics_port, "/metrics") for _ in range(80)]  # more than its cap
+            assert all(b"python_info" in m for m in metrics)
+            lines = _av_log_lines_since(server, before)
+            assert not any("Traceback" in line for line in lines), "\n".join(lines[:40])
+            assert len(lines) <= 8, "\n".join(lines[:40])
+            assert any("resource exhausted" in line for line in lines)
+            _rs_note("log lines for 1100 requests without threads", len(lines))
+        finally:
+            server.stop()
+    finally:
+        subprocess.run(["rm", "-rf", str(scratch)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 2: one address cannot fill the cap; idle connections make room
+# ---------------------------------------------------------------------------------------------
+
+
+def test_av_one_address_cannot_lock_out_the_others(start_server):
+    """Issue 9.2: 1100 idle connections from 127.0.0.1 take at most a quarter of the default
+    cap (the rest are refused at once); a client from 127.0.0.2 is served at once."""
+    _rs_raise_nofile(1500)
+    server, _ = start_server(_AV_CONFIG, keys=())
+    share = int(rtask.MAX_CONNECTIONS * rtask.CONNECTION_SHARE_PER_ADDRESS)
+    socks, refused = [], 0
+    try:
+        for _ in range(1100):
+            s = _av_connect(server.port)
+            socks.append(s)
+        closed = _rs_wait_closed({s: "idle" for s in socks}, time.monotonic() + 5)
+        refused = len(closed)
+        start = time.monotonic()
+        answer = _av_get(server.port, source="127.0.0.2")
+        seconds = time.monotonic() - start
+        _rs_note("other address served with 1100 idle connections of one, s", round(seconds, 3))
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        assert seconds < 2.0
+        assert refused == 1100 - share, f"{1100 - refused} connections of one address kept (share {share})"
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_av_full_cap_of_idle_connections_makes_room(tmp_path):
+    """Issue 9.2: when the cap is full of idle keep-alive connections from several addresses,
+    the one idle longest is closed and a new client is served at once; connections that are
+    not idle (a request half sent) are never closed for room: then the newcomer gets 503."""
+    workdir = tmp_path
+    (workdir / "config.toml").write_text(textwrap.dedent(_AV_CONFIG))
+    server = _AvServer(workdir, run_args=("--max-connections", "8"))
+    idle = []
+    try:
+        for i in range(8):  # 4 addresses × 2 (the share of a cap of 8)
+            s = _av_connect(server.port, f"127.0.0.{1 + i // 2}")
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # served, then kept alive: idle
+            assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+            idle.append(s)
+            time.sleep(0.05)
+        answer = _av_get(server.port, source="127.0.0.5")
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        closed = _rs_wait_closed({s: "idle" for s in idle}, time.monotonic() + 3)
+        assert list(closed) == [idle[0]], "exactly the connection idle longest is closed"
+        assert rtask.connection_share(8) == 2 and rtask.connection_share(1) == 1
+    finally:
+        for s in idle:
+            s.close()
+        server.stop()
+    # A cap full of busy connections (requests half sent): no room is made, 503 at once.
+    server = _AvServer(workdir, run_args=("--max-connections", "8", "--max-connections-per-address", "8"))
+    busy = []
+    try:
+        for _ in range(8):
+            s = _av_connect(server.port)
+            s.sendall(b"GET /health HTTP/1.1\r\nX-Partial: a")
+            busy.append(s)
+        wait_for(lambda: _rs_proc_status(server.proc.pid)["Threads"] >= 8, timeout=5)
+        answer = _av_get(server.port, source="127.0.0.5")
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"\r\nRetry-After: 1\r\n" in answer, answer[:200]
+    finally:
+        for s in busy:
+            s.close()
+        server.stop()
+
+
+@pytest.mark.parametrize("option, value", [("--max-connections", "0"), ("--max-connections", "x"),
+                                           ("--max-connections-per-address", "-1")])
+def test_av_connection_options_are_checked(tmp_path, option, value):
+    (tmp_path / "config.toml").write_text(textwrap.dedent(_AV_CONFIG))
+    out = rtask_cli("run", option, value, cwd=tmp_path, timeout=15)
+    assert out.returncode != 0 and option in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 3: out of descriptors, the accept loops back off instead of spinning
+# ---------------------------------------------------------------------------------------------
+
+
+def test_av_accept_backs_off_when_out_of_descriptors(tmp_path):
+    """Issue 9.3: a server with 64 descriptors and 200 connections (plus 20 to the metrics
+    listener) waiting in its backlog uses little CPU while it cannot accept, logs a line or
+    two, and serves again once connections close."""
+    (tmp_path / "config.toml").write_text(textwrap.dedent(_AV_CONFIG))
+    server = _AvServer(tmp_path, prefix=["prlimit", "--nofile=64:64"])
+    socks = []
+    try:
+        pid = server.proc.pid
+        before = len(server.log())
+        for port in [server.port] * 200 + [server.metrics_port] * 20:
+            s = socket.socket()
+            s.setblocking(False)  # beyond the backlogs a connect would wait
+            s.connect_ex(("127.0.0.1", port))
+            socks.append(s)
+        time.sleep(1.0)  # the server runs out of descriptors
+        cpu, start = _av_cpu_seconds(pid), time.monotonic()
+        time.sleep(2.0)
+        per_second = (_av_cpu_seconds(pid) - cpu) / (time.monotonic() - start)
+        _rs_note("CPU s/s while out of descriptors", round(per_second, 3))
+        assert per_second < 0.3, f"{per_second:.2f} s of CPU per second while it cannot accept"
+        lines = _av_log_lines_since(server, before)
+        assert 1 <= len(lines) <= 4, "\n".join(lines[:20])
+        assert all("resource exhausted" in line for line in lines), lines
+        for s in socks:
+            s.close()
+        wait_for(lambda: _av_get(server.port).startswith(b"HTTP/1.1 200 "), timeout=10, interval=0.2)
+        wait_for(lambda: b"python_info" in _av_get(server.metrics_port, "/metrics"), timeout=10, interval=0.2)
+        assert "resource available again" in server.log()
+    finally:
+        for s in socks:
+            s.close()
+        server.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 4: slow clients cannot blind the metrics listener
+# ---------------------------------------------------------------------------------------------
+
+
+def test_av_slow_metrics_clients_do_not_blind_scrapes(start_server):
+    """Issue 9.4: 64 connections trickle a header byte every 2 s (each read well within the
+    socket timeout) for ~12 s, reopening when closed, while another address scrapes every
+    0.5 s: all scrapes but at most one succeed, and a trickling connection is closed
+    METRICS_REQUEST_TIMEOUT after it opened, however steadily it sends."""
+    server, _ = start_server(_AV_CONFIG, keys=())
+    port = server.metrics_port
+    stop = threading.Event()
+    lifetimes: list[float] = []
+
+    def trickle():
+        while not stop.is_set():
+            try:
+                s = _av_connect(port)
+            except OSError:
+                time.sleep(0.1)
+                continue
+            opened = time.monotonic()
+            try:
+                s.sendall(b"GET /metrics HTTP/1.1\r\nX-A: ")
+                while not stop.wait(2.0):
+                    try:
+                        s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        s.sendall(b"a")  # still open: one more byte
+                    else:
+                        raise ConnectionAbortedError  # the server answered or closed: cut off
+            except OSError:
+                lifetimes.append(time.monotonic() - opened)
+            finally:
+                s.close()
+
+    trickers = [threading.Thread(target=trickle, daemon=True) for _ in range(64)]
+    for t in trickers:
+        t.start()
+    try:
+        time.sleep(1.0)
+        results = []
+        deadline = time.monotonic() + 12
+        while time.monotonic() < deadline:
+            results.append(b"python_info" in _av_get(port, "/metrics", source="127.0.0.2", timeout=5))
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in trickers:
+            t.join(5)
+    _rs_note("scrapes served while 64 clients trickle", f"{sum(results)} of {len(results)}")
+    assert sum(results) >= len(results) - 1, results
+    # (refused ones fail on their first or second send, within ~4 s)
+    cut = [t for t in lifetimes if rtask.METRICS_REQUEST_TIMEOUT - 1 < t < rtask.METRICS_REQUEST_TIMEOUT + 3]
+    assert cut, sorted(lifetimes)[-5:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 5: an interrupted add-key leaves no temporary file for long
+# ---------------------------------------------------------------------------------------------
+
+
+def test_av_add_and_remove_key_clean_up_interrupted_writes(tmp_path):
+    """Issue 9.5: the next add-key / remove-key removes the temporary files an interrupted
+    one left beside keys.toml, and only those."""
+    leftovers = [".keys.toml.abcd_123.tmp", ".keys.toml.zz9xk2q0.tmp"]
+    others = [".keys.toml.abcd1234.tmp.keep", ".keys.toml.ABCD1234.tmp", ".other.toml.abcd1234.tmp",
+              "keys.toml.abcd1234.tmp", ".keys.toml.abc.tmp", "notes.txt"]
+    for name in leftovers + others:
+        (tmp_path / name).write_text("x")
+    (tmp_path / "target").write_text("kept")
+    (tmp_path / ".keys.toml.lnk12345.tmp").symlink_to(tmp_path / "target")
+    new_key(tmp_path, "ci")
+    assert not any((tmp_path / n).exists() for n in leftovers)
+    assert all((tmp_path / n).exists() for n in others)
+    assert (tmp_path / ".keys.toml.lnk12345.tmp").is_symlink() and (tmp_path / "target").read_text() == "kept"
+    (tmp_path / leftovers[0]).write_text("x")
+    out = rtask_cli("remove-key", "ci", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert not (tmp_path / leftovers[0]).exists()
+    assert all((tmp_path / n).exists() for n in others)
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 15: SIGHUP re-reads the TLS certificate
+# ---------------------------------------------------------------------------------------------
+
+
+def _av_peer_certificate(port: int) -> bytes:
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw) as tls:
+            return tls.getpeercert(binary_form=True)
+
+
+def test_av_sighup_rereads_the_tls_certificate(tmp_path):
+    """Issue 9.15: after the pair is renewed and SIGHUP sent, new connections on both
+    listeners get the new certificate; an unreadable pair is an error line and the pair in
+    use stays."""
+    (tmp_path / "config.toml").write_text(textwrap.dedent(_AV_CONFIG))
+    old_dir, new_dir = tmp_path / "old", tmp_path / "new"
+    old_dir.mkdir()
+    new_dir.mkdir()
+    cert, key = _ig_make_certificate(old_dir)
+    new_cert, new_key_path = _ig_make_certificate(new_dir)
+    live_cert, live_key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    live_cert.write_bytes(cert.read_bytes())
+    live_key.write_bytes(key.read_bytes())
+    der = ssl.PEM_cert_to_DER_cert
+    server = _AvServer(tmp_path, run_args=("--tls-cert", str(live_cert), "--tls-key", str(live_key)))
+    try:
+        for port in (server.port, server.metrics_port):
+            assert _av_peer_certificate(port) == der(cert.read_text())
+        live_cert.write_bytes(new_cert.read_bytes())
+        live_key.write_bytes(new_key_path.read_bytes())
+        server.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "TLS certificate reloaded" in server.log(), timeout=10)
+        for port in (server.port, server.metrics_port):
+            assert _av_peer_certificate(port) == der(new_cert.read_text())
+        live_key.write_bytes(key.read_bytes())  # a mismatched pair
+        server.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "TLS certificate reload failed" in server.log(), timeout=10)
+        for port in (server.port, server.metrics_port):
+            assert _av_peer_certificate(port) == der(new_cert.read_text())
+        assert "Traceback" not in server.log()
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 16: a missing keys.toml is a warning
+# ---------------------------------------------------------------------------------------------
+
+
+def test_av_missing_keys_file_is_a_warning(start_server):
+    """Issue 9.16: keys.toml removed under a running server (every key now 401) and a start
+    without it, while tasks name keys, are warnings naming the file."""
+    server, tokens = start_server(_AV_CONFIG)
+    assert server.post("hello", key=tokens["ci"]).status == 200
+    keys = server.workdir / "keys.toml"
+    keys.unlink()
+    time.sleep(rtask.KEY_FILE_CHECK_INTERVAL + 0.2)
+    assert server.post("hello", key=tokens["ci"]).status == 401
+    line = wait_for(lambda: next((l for l in server.log().splitlines() if "missing" in l), None), timeout=5)
+    assert line.split()[1] == "warning" and str(keys.name) in line, line
+    server.stop()
+    fresh = _AvServer(server.workdir)
+    try:
+        startup = [l for l in fresh.log().splitlines() if "missing" in l]
+        assert startup and startup[0].split()[1] == "warning" and "keys.toml" in startup[0], fresh.log()
+    finally:
+        fresh.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 20: signals are handled before anything can observe the server
+# ---------------------------------------------------------------------------------------------
+
+
+def _av_free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_av_sighup_as_soon_as_the_port_answers_reloads(tmp_path):
+    """Issue 9.20: a SIGHUP sent the moment the API port accepts a connection reloads the
+    server (five starts in a row), rather than killing it with the signal's default action."""
+    (tmp_path / "config.toml").write_text(textwrap.dedent(_AV_CONFIG))
+    for attempt in range(5):
+        port = _av_free_port()
+        log_path = tmp_path / f"server{attempt}.log"
+        with open(log_path, "wb") as log_file:
+            proc = subprocess.Popen([sys.executable, RTASK, "run", "--api-address", f"127.0.0.1:{port}",
+                                     "--metrics-address", "127.0.0.1:0"], cwd=tmp_path, env=_ck_env(),
+                                    stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and proc.poll() is None:
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", port)) == 0:
+                        proc.send_signal(signal.SIGHUP)
+                        break
+            time.sleep(0.5)
+            assert proc.poll() is None, f"attempt {attempt}: SIGHUP killed the server:\n{log_path.read_text()}"
+            wait_for(lambda: "configuration reloaded" in log_path.read_text(), timeout=5)
+        finally:
+            proc.terminate()
+            proc.wait(15)
+
+
+def test_av_process_that_cannot_start_for_want_of_descriptors_is_503(start_server):
+    """Issue 9.1, the executor: with the server out of descriptors (RLIMIT_NOFILE lowered
+    under it), a run whose pipes cannot be made gives its slot back and is answered 503 with
+    Retry-After (sync and async), with no traceback; once descriptors are back, runs start."""
+    server, tokens = start_server('''
+        [tasks.hello]
+        command = ["true"]
+        apiKeyNames = ["ci"]
+        maxConcurrentTasks = 1
+
+        [tasks.later]
+        command = ["true"]
+        apiKeyNames = ["ci"]
+        async = true
+        maxConcurrentTasks = 1
+        ''')
+    pid = server.proc.pid
+    soft = resource.prlimit(pid, resource.RLIMIT_NOFILE)[0]
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    headers = {"Authorization": f"Bearer {tokens['ci']}", "Content-Length": "0"}
+
+    def post(task):
+        conn.request("POST", f"/tasks/{task}", headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.headers, json.loads(resp.read())
+
+    try:
+        assert post("hello")[0] == 200  # the connection's thread exists, the key is cached
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (3, resource.prlimit(pid, resource.RLIMIT_NOFILE)[1]))
+        try:
+            for task in ("hello", "later", "hello"):  # the same slot twice: it was given back
+                status, resp_headers, body = post(task)
+                assert (status, body["error"]) == (503, "unavailable"), (task, status, body)
+                assert resp_headers["Retry-After"] == "1"
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, resource.prlimit(pid, resource.RLIMIT_NOFILE)[1]))
+        status, _, body = post("hello")
+        assert (status, body["status"]) == (200, "success"), body
+        status, _, body = post("later")
+        assert status == 200 and "task_id" in body, body
+    finally:
+        conn.close()
+    assert "Traceback" not in server.log()
+
+
+def test_av_key_check_without_memory_is_503_and_recovers(start_server):
+    """Issue 9.1, Argon2: when its 64 MiB cannot be had (RLIMIT_AS lowered under the server),
+    a key check is answered 503 with Retry-After and one log line, no traceback, no 500;
+    with memory back, the same key works."""
+    server, tokens = start_server(_AV_CONFIG)
+    pid = server.proc.pid
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.request("GET", "/health")
+        assert conn.getresponse().read() and True  # the connection's thread and its arena exist
+        hard = resource.prlimit(pid, resource.RLIMIT_AS)[1]
+        size = int(re.search(r"^VmSize:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M)[1]) * 1024
+        headers = {"Authorization": f"Bearer {tokens['ci']}", "Content-Length": "0"}
+        resource.prlimit(pid, resource.RLIMIT_AS, (size + 16 * 1024 * 1024, hard))
+        try:
+            conn.request("POST", "/tasks/hello", headers=headers)
+            resp = conn.getresponse()
+            body = json.loads(resp.read())
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_AS, (hard, hard))
+        assert (resp.status, body["error"], resp.headers["Retry-After"]) == (503, "unavailable", "1"), body
+        conn.request("POST", "/tasks/hello", headers=headers)
+        resp = conn.getresponse()
+        assert (resp.status, json.loads(resp.read())["status"]) == (200, "success")
+    finally:
+        conn.close()
+    log_text = server.log()
+    assert "Traceback" not in log_text and log_text.count("cannot verify a key now") == 1, log_text
