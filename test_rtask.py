@@ -8090,6 +8090,9 @@ def test_server_as_an_ordinary_user_refuses_user_and_applies_limits(_iso_users):
             server.stop()
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+# =============================================================================================
 # ===== Availability under exhaustion: threads, descriptors, one greedy client, reloads =====
 # =============================================================================================
 
