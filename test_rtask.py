@@ -7596,3 +7596,36 @@ def test_an_old_python_gets_one_sentence_naming_both_versions(tmp_path):
             out = subprocess.run([python, RTASK, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=30)
             assert out.returncode == 1 and out.stdout == "", (python, argv, out)
             assert out.stderr.count("\n") == 1 and "3.11" in out.stderr and version in out.stderr, (python, out.stderr)
+
+
+# -- the README's systemd unit --------------------------------------------------------------------
+
+
+def test_readme_systemd_unit_passes_systemd_analyze_verify(tmp_path):
+    """systemd drops a setting line it cannot parse (e.g. one with a trailing '# comment')
+    with only a warning: every such line is a hardening option silently not in force."""
+    import shutil
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (.ci/run installs Debian's systemd package)")
+    readme = (HERE / "README.md").read_text()
+    match = re.search(r"`/etc/systemd/system/rtask\.service`:\n\n```ini\n(.*?)```", readme, re.S)
+    assert match, "README.md has no rtask.service unit block"
+    unit = match.group(1)
+    # The paths the unit names, made to exist here.
+    (tmp_path / "opt").mkdir()
+    (tmp_path / "opt" / "rtask.py").write_text("")
+    unit = unit.replace("/opt/rtask", str(tmp_path / "opt")).replace("/usr/bin/python3", sys.executable)
+    settings = [line for line in unit.splitlines() if "=" in line and not line.lstrip().startswith("#")]
+    assert all("#" not in line.partition("=")[2] for line in settings), "a comment at the end of a setting line"
+    (tmp_path / "rtask.service").write_text(unit)
+    out = subprocess.run([analyze, "verify", str(tmp_path / "rtask.service")],
+                         capture_output=True, text=True, timeout=60)
+    problems = [line for line in (out.stdout + out.stderr).splitlines()
+                if re.search(r"Failed to parse|Unknown key|[Uu]nknown (lvalue|section)|ignoring", line)]
+    assert not problems, "\n".join(problems)
+    names = {line.partition("=")[0].strip() for line in settings}
+    for hardening in ("TimeoutStopSec", "NoNewPrivileges", "PrivateTmp", "ProtectSystem", "ProtectHome",
+                      "PrivateDevices", "ProtectKernelLogs", "ProtectClock", "RestrictNamespaces",
+                      "SystemCallArchitectures", "UMask", "KillMode", "ExecReload"):
+        assert hardening in names, hardening
