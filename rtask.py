@@ -474,7 +474,7 @@ def _parse_task(path, base_dir, name, table, problems: Problems) -> TaskSpec | N
         problems.errors.append(f"{where}: {NAME_RULE}")
         return None
     if not isinstance(table, dict):
-        problems.errors.append(f"{where}: must be a table ([tasks.{name}])")
+        problems.errors.append(f"{where}: must be a table ([tasks.{_toml_key(name)}])")
         return None
     errors_before = len(problems.errors)
     table = _translate_deprecated(where, table, problems)
