@@ -2234,11 +2234,14 @@ def test_duration_histogram_has_handler_key_and_status_labels(_hx_shared):
 def test_custom_duration_buckets_are_used(_hx_shared):
     sh = _hx_shared
     _hx_json(sh.server.post("buckets", key=sh.ci), 200)
-    wait_for(lambda: sh.server.metric("task_duration_seconds_count", handler="buckets") == 1, timeout=5)
+    wait_for(lambda: sh.server.metric("task_duration_seconds_count", handler="buckets", status="success") == 1,
+             timeout=5)
     text = sh.server.metrics()
     assert _hx_le_values(text, "buckets") == {0.1, 1.0, float("inf")}  # a written inf is not doubled
-    assert len(re.findall(r'^task_duration_seconds_bucket\{[^}]*handler="buckets"[^}]*le="\+Inf"', text, re.M)) == 1
-    assert sh.server.metric("task_duration_seconds_bucket", handler="buckets", le="+Inf") == 1
+    # One +Inf bucket per series (success, failure, timeout exist from the start).
+    assert len(re.findall(r'^task_duration_seconds_bucket\{[^}]*handler="buckets"[^}]*le="\+Inf"'
+                          r'[^}]*status="success"', text, re.M)) == 1
+    assert sh.server.metric("task_duration_seconds_bucket", handler="buckets", le="+Inf", status="success") == 1
 
 
 def test_default_process_collectors_are_on(_hx_shared):
