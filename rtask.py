@@ -2229,7 +2229,8 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.app.request_ended()
 
     def _answer(self, line: bytes):
-        self.command, self.path = "", ""
+        # Known before the line is parsed, so that even a refused HEAD gets no body.
+        self.command, self.path = ("HEAD" if line.startswith(b"HEAD ") else ""), ""
         try:
             self._parse_head(line)
         except Reject as r:

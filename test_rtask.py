@@ -7216,10 +7216,16 @@ def test_head_on_an_event_stream_sends_its_headers_and_no_stream(_h2):
     assert after == b"", after
 
 
-def test_head_on_a_protocol_error_has_no_body(_h2):
-    data = _h2_exchange(_h2.server, b"HEAD /health HTTP/1.1\r\nHost: x\r\nbad header line\r\n\r\n")
+@pytest.mark.parametrize("request_bytes, expected", [
+    (b"HEAD /health HTTP/1.1\r\nHost: x\r\nbad header line\r\n\r\n", 400),
+    (b"HEAD /health HTTP/2.0\r\nHost: x\r\n\r\n", 400),
+    (b"HEAD /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    (b"HEAD /health HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n", 431),
+], ids=["bad_header", "bad_version", "long_line", "long_header"])
+def test_head_on_a_protocol_error_has_no_body(_h2, request_bytes, expected):
+    data = _h2_exchange(_h2.server, request_bytes)
     status, headers, after = _h2_split_head(data)
-    assert status == 400 and int(headers["content-length"]) > 0 and after == b"", data
+    assert status == expected and int(headers["content-length"]) > 0 and after == b"", data
 
 
 def test_head_has_no_side_effects_of_its_own(_h2):
