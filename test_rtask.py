@@ -7134,13 +7134,11 @@ def _h2_exchange(server, *requests: bytes, timeout=5.0) -> bytes:
     return b"".join(chunks)
 
 
-def _h2_request(method, path, headers=(), close=False, body=b"") -> bytes:
+def _h2_request(method, path, headers=(), close=False) -> bytes:
     lines = [f"{method} {path} HTTP/1.1", "Host: x", *headers]
-    if body:
-        lines.append(f"Content-Length: {len(body)}")
     if close:
         lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + body
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 def _h2_split_head(data: bytes) -> tuple[int, dict, bytes]:
