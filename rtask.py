@@ -19,6 +19,14 @@ License: MIT.
 
 from __future__ import annotations
 
+import sys
+
+# Checked before any import that needs 3.11 (tomllib), so that an older Python gives one
+# sentence instead of a traceback; everything above and here still parses on Python 3.8.
+if sys.version_info < (3, 11):
+    sys.exit(f"rtask: Python 3.11 or newer is needed; this is Python {sys.version.split()[0]} "
+             f"({sys.executable}). Run it with python3.11 or newer.")
+
 import argparse
 import base64
 import collections
@@ -62,9 +70,19 @@ DEFAULT_KEYS_PATH = "./keys.toml"
 DEFAULT_API_ADDRESS = "localhost:8800"
 DEFAULT_METRICS_ADDRESS = "localhost:9090"
 
-NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")  # task names and key names
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP token (RFC 9110)
 TASK_ID_RE = re.compile(r"[a-z2-7]{16}")
+NAME_RULE = "a name must be non-empty, without '/', control characters or surrounding whitespace"
+
+
+def is_valid_name(name: str) -> bool:
+    """Task and key names are what the Go RTask accepts (SPEC §3): any non-empty string
+    without '/', control characters or surrounding whitespace ("build:prod", "deploy key").
+    Lone surrogates (undecodable bytes on a command line) cannot be written to TOML either.
+    Whatever is built from a name quotes it: TOML keys, paths (percent-encoded), logs."""
+    import unicodedata
+    return (bool(name) and "/" not in name and name == name.strip()
+            and not any(unicodedata.category(c) in ("Cc", "Cs") for c in name))
 
 # Permissions (SPEC §9): a task-scoped permission is "tasks:<action>" or "tasks:<action>:<task>".
 TASK_ACTIONS = ("run", "read", "list", "cancel")
@@ -73,11 +91,11 @@ WILDCARDS = ("*", "tasks:*", "system:*")
 
 
 def is_known_permission(permission: str) -> bool:
-    parts = permission.split(":")
+    parts = permission.split(":", 2)  # the task part may hold ':' ("tasks:run:build:prod")
     if permission in WILDCARDS or permission in SYSTEM_PERMISSIONS:
         return True
     return (parts[0] == "tasks" and len(parts) in (2, 3) and parts[1] in TASK_ACTIONS
-            and (len(parts) == 2 or bool(NAME_RE.fullmatch(parts[2]))))
+            and (len(parts) == 2 or is_valid_name(parts[2])))
 
 
 def holds_permission(grants: frozenset[str], needed: str) -> bool:
@@ -105,8 +123,9 @@ WARNED_SUBJECTS_KEPT = 1024  # token warnings are logged once per subject, up to
 # a request that cannot get a slot within the wait gets 503 instead of piling up memory.
 ARGON2_MAX_CONCURRENT = 2
 ARGON2_SLOT_WAIT_SECONDS = 2.0
-# Verified keys are cached (by an HMAC of the token, never the token) so a repeated good key
-# costs microseconds instead of an Argon2 run. Any change of keys.toml empties the cache.
+# Verified keys are cached (by an HMAC of the decoded id and key, never the key itself) so a
+# repeated good key costs microseconds instead of an Argon2 run. Any change of keys.toml
+# empties the cache.
 KEY_CACHE_SIZE = 1024
 KEY_CACHE_TTL_SECONDS = 300.0
 KEY_FILE_CHECK_INTERVAL = 1.0  # seconds between stat() calls on keys.toml in a running server
@@ -328,9 +347,9 @@ def _string_list(value, *, non_empty=False):
 
 
 def _names(names):
-    bad = [n for n in names if not NAME_RE.fullmatch(n)]
+    bad = [n for n in names if not is_valid_name(n)]
     if bad:
-        raise _Invalid(f"has {bad[0]!r}; key names use only letters, digits, '_', '.', '-'")
+        raise _Invalid(f"has {bad[0]!r}; {NAME_RULE}")
     return names
 
 
@@ -482,11 +501,11 @@ def load_config(path: str, problems: Problems) -> Config:
 
 def _parse_task(path, base_dir, name, table, problems: Problems) -> TaskSpec | None:
     where = f"{path}: task {name!r}"
-    if not NAME_RE.fullmatch(name):
-        problems.errors.append(f"{where}: the name may only use letters, digits, '_', '.', '-'")
+    if not is_valid_name(name):
+        problems.errors.append(f"{where}: {NAME_RULE}")
         return None
     if not isinstance(table, dict):
-        problems.errors.append(f"{where}: must be a table ([tasks.{name}])")
+        problems.errors.append(f"{where}: must be a table ([tasks.{_toml_key(name)}])")
         return None
     errors_before = len(problems.errors)
     table = _translate_deprecated(where, table, problems)
@@ -848,14 +867,23 @@ def _cbor_int_map(fields: dict[int, object]) -> bytes:
 
 
 def _decode_int_map(text: str, types: dict[int, type]) -> dict[int, object]:
-    """Decode base64url CBOR with small-integer keys; missing fields become 0 / b""."""
+    """Decode base64url CBOR: exactly one map whose keys are among ``types`` (small integers),
+    each value of its type, and nothing after the map (the Go decoder refuses trailing bytes
+    too). Missing fields become 0 / b"". ValueError on anything else."""
+    import io
     import cbor2
+    data = _b64decode(text)
     try:
-        value = cbor2.loads(_b64decode(text))
+        decoder = cbor2.CBORDecoder(io.BytesIO(data))
+        value = decoder.decode()
     except Exception as e:  # cbor2 raises several types on hostile input; all mean "not a key"
         raise ValueError("not CBOR") from e
+    if decoder.fp.tell() != len(data):
+        raise ValueError("bytes after the CBOR map")
     if not isinstance(value, dict):
         raise ValueError("not a CBOR map")
+    if any(type(k) is not int or k not in types for k in value):  # type(): True == 1 in a dict
+        raise ValueError("a field that is not one of " + ", ".join(map(str, types)))
     out = {}
     for field, kind in types.items():
         item = value.get(field, kind())
@@ -870,10 +898,23 @@ def encode_api_key(key_id: int, key: bytes) -> str:
 
 
 def decode_api_key(token: str) -> tuple[int, bytes]:
-    fields = _decode_int_map(token, {1: int, 2: bytes})
-    if not fields[2]:
-        raise ValueError("empty key")
-    return fields[1], fields[2]
+    """(id, key bytes) of a presented key. One key, one spelling (SPEC §4): the token must be
+    exactly what add-key prints for that (id, key) -- canonical base64url (no padding, unused
+    bits zero) of the minimal CBOR map {1: id, 2: key} in that order, nothing after it -- so
+    "<key>x", "<key>AAAA" or a re-encoded map are not the key, and cost no Argon2 run."""
+    import cbor2
+    try:
+        fields = cbor2.loads(_b64decode(token))
+        key_id, key = fields.get(1, 0), fields[2]
+    except Exception as e:  # cbor2 raises several types on hostile input; all mean "not a key"
+        raise ValueError("not a key") from e
+    # Comparing with the re-encoding checks everything at once (base64 bits, integer and
+    # length forms, field order, extra fields, trailing bytes) and costs a few µs, which
+    # matters: every request with a cached key pays it.
+    if not (type(key_id) is int and 0 <= key_id < 2**32 and type(key) is bytes and key) \
+            or encode_api_key(key_id, key) != token:
+        raise ValueError("not the one spelling of a key")
+    return key_id, key
 
 
 def encode_stored_key(k: StoredKey) -> str:
@@ -1032,8 +1073,8 @@ def _real_path(keys_path: str) -> str:
 
 def add_key(keys_path: str, name: str) -> str:
     """Create key ``name`` with the lowest free id; return the token to show once."""
-    if not NAME_RE.fullmatch(name):
-        raise ConfigError(f"key name {name!r} may only use letters, digits, '_', '.', '-'")
+    if not is_valid_name(name):
+        raise ConfigError(f"key name {name!r} is not valid: {NAME_RULE}")
     keys_path = _real_path(keys_path)
     with KeyFileLock(keys_path):
         remove_leftover_temporaries(keys_path)
@@ -1076,7 +1117,11 @@ class Reject(Exception):
 
 
 def unauthorized(reason, message):
-    return Reject(401, "unauthorized", message, reason)
+    """401 with the challenge RFC 9110 §11.6.1 requires on every 401 (RFC 6750 §3 form):
+    ``error="invalid_token"`` when a credential was presented and refused, none when there
+    was no credential at all (wget and other clients need the header to treat it as auth)."""
+    challenge = 'Bearer realm="rtask"' if reason == "missing_key" else 'Bearer realm="rtask", error="invalid_token"'
+    return Reject(401, "unauthorized", message, reason, [("WWW-Authenticate", challenge)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1152,16 +1197,18 @@ class KeyRing:
     def verify(self, token: str) -> str:
         """The name of the key ``token`` is, or Reject(401). Unknown ids never reach Argon2."""
         self.reload_if_changed()
-        tag = hmac.digest(self._cache_secret, token.encode("utf-8", "surrogateescape"), "sha256")
-        name = self._cached(tag)
-        if name:
-            return name
         try:
             if len(token) > MAX_TOKEN_CHARS:
                 raise ValueError("too long")
             key_id, key = decode_api_key(token)
         except ValueError:
             raise unauthorized("invalid_key_encoding", "The API key is malformed.") from None
+        # Cached by the decoded key, never by its text: a key has one spelling anyway, and the
+        # tag is an HMAC so the cache holds nothing that opens the server.
+        tag = hmac.digest(self._cache_secret, key_id.to_bytes(4, "big") + key, "sha256")
+        name = self._cached(tag)
+        if name:
+            return name
         stored = self._by_id.get(key_id)
         if stored is None or len(key) != len(stored.hash):
             raise unauthorized("invalid_key", "The API key is not valid.")
@@ -3098,7 +3145,8 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.app.request_ended()
 
     def _answer(self, line: bytes):
-        self.command, self.path = "", ""
+        # Known before the line is parsed, so that even a refused HEAD gets no body.
+        self.command, self.path = ("HEAD" if line.startswith(b"HEAD ") else ""), ""
         try:
             self._parse_head(line)
         except Reject as r:
@@ -3167,7 +3215,9 @@ class RequestHandler(BaseHTTPRequestHandler):
                 break
             if not raw:
                 raise Reject(400, "bad_request", "The request headers are incomplete.")
-            name, sep, value = raw.decode("latin-1").removesuffix("\n").removesuffix("\r").partition(":")
+            # UTF-8 with surrogateescape: any byte the client sent survives, and goes back to
+            # the same byte when the value is encoded for the environment or a signature.
+            name, sep, value = raw.decode("utf-8", "surrogateescape").removesuffix("\n").removesuffix("\r").partition(":")
             # A header name is a token; a bare CR or a NUL is a line end to some parsers and
             # must not mean something else here (and a NUL cannot go into an environment).
             if not sep or not _HEADER_NAME.fullmatch(name) or "\r" in value or "\0" in value:
@@ -3282,7 +3332,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         if not close:
             self.discard_body()
-        body = json.dumps(payload).encode()
+        body = json.dumps(payload).encode() + b"\n"  # a JSON body is a line, as curl users expect
         head = [f"HTTP/1.1 {status} {_reason_phrase(status)}\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
                 f"Date: {_http_date()}\r\nServer: {self.server_version}\r\n"]
@@ -3290,6 +3340,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         if self.close_connection:
             head.append("Connection: close\r\n")
         head.append("\r\n")
+        if self.command == "HEAD":  # RFC 9110 §9.3.2: GET's status and headers, never a body
+            body = b""
         self.wfile.write("".join(head).encode("latin-1") + body)
 
     def send_error(self, code, message=None, explain=None):
@@ -3326,22 +3378,28 @@ def _http_date() -> str:
 
 def route(h: RequestHandler):
     """Dispatch by path, then method; a known path with a wrong method is 405 with Allow.
-    Starred path segments are passed to the handler as arguments."""
-    parts = h.path.split("/")[1:]
-    if parts[0] == "wh" and len(parts) >= 2:  # everything after /wh/ is the secret, "/" included
+    Starred path segments are passed to the handler as arguments.
+
+    A trailing slash names the same resource (``/tasks/echo/`` is ``/tasks/echo``, as in the
+    Go RTask), except under /wh/, where everything after the prefix, a final "/" included, is
+    the secret. HEAD is GET without the body (RFC 9110 §9.3.2): every GET route only reads,
+    and send_json / stream_events leave the body out."""
+    if h.path.startswith("/wh/") and len(h.path) > len("/wh/"):
         if h.command == "POST":
             post_webhook(h, h.path[len("/wh/"):])
         else:
             send_not_found(h)  # any other method: 404, so that no answer confirms a secret
         return
+    path = h.path[:-1] if h.path.endswith("/") and len(h.path) > 1 else h.path
+    parts = path.split("/")[1:]
     shape = _route_shape(parts)
     allowed = ROUTES.get(shape)
     if allowed is None:
         send_not_found(h)
         return
-    handler = allowed.get(h.command)
+    handler = allowed.get("GET" if h.command == "HEAD" else h.command)
     if handler is None:
-        allow = ", ".join(allowed)
+        allow = ", ".join(m for method in allowed for m in ([method, "HEAD"] if method == "GET" else [method]))
         h.send_json(405, {"error": "method_not_allowed", "message": f"Use {allow} on this path."},
                     headers=[("Allow", allow)])
         return
@@ -3457,15 +3515,20 @@ def signature_valid(hook: SignedWebhookSpec, headers: Headers, body: bytes) -> b
     hmac-sha256 send the hex HMAC-SHA256 of the raw body (GitHub with a ``sha256=`` prefix)."""
     secret = hook.secret.encode("utf-8")
     if hook.provider == "gitlab":
-        return hmac.compare_digest((headers.get("x-gitlab-token") or "").encode("latin-1"), secret)
+        return hmac.compare_digest(_header_bytes(headers.get("x-gitlab-token") or ""), secret)
     header = "x-hub-signature-256" if hook.provider == "github" else hook.signature_header.lower()
-    given = (headers.get(header) or "").strip().encode("latin-1")
+    given = _header_bytes((headers.get(header) or "").strip())
     if given.startswith(b"sha256="):
         given = given[len(b"sha256="):]
     elif hook.provider == "github":
         return False
     expected = hmac.new(secret, body, hashlib.sha256).hexdigest().encode("ascii")
     return hmac.compare_digest(given.lower(), expected)
+
+
+def _header_bytes(value: str) -> bytes:
+    """A header value as the bytes the client sent (see RequestHandler._parse_head)."""
+    return value.encode("utf-8", "surrogateescape")
 
 
 def execute(h: RequestHandler, state: TaskState, caller: Caller, body: bytes | None = None):
@@ -3682,8 +3745,11 @@ def stream_events(h: RequestHandler, run: Run):
     the run goes on."""
     h.close_connection = True
     h.discard_body()
+    # X-Accel-Buffering: nginx (and proxies copying it) would otherwise hold the events back.
     h.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-                  b"Connection: close\r\n\r\n")
+                  b"X-Accel-Buffering: no\r\nConnection: close\r\n\r\n")
+    if h.command == "HEAD":  # the headers of the stream, and no stream
+        return
     sent = {"stdout": 0, "stderr": 0}
     decoders = {name: codecs.getincrementaldecoder("utf-8")("replace") for name in sent}
     while True:
@@ -4012,6 +4078,42 @@ class Metrics:
         self._queue_gauges = set(states)
         for name, state in states.items():
             self.queue_length.labels(name).set_function(lambda s=state: s.slots.queued)
+        self._preinitialise(config)
+
+    # SPEC §5's table: the reasons every task can be refused for, as in the Go RTask.
+    REJECTION_REASONS = ("missing_key", "invalid_header", "invalid_key_encoding", "invalid_key",
+                         "key_not_allowed", "limit_exceeded", "max_concurrent", "input_too_large",
+                         "invalid_content")
+    JWT_REJECTION_REASONS = ("invalid_token", "token_expired", "unknown_permission")
+    STATUSES = ("success", "failure", "timeout")
+
+    def _preinitialise(self, config: Config):
+        """Create at 0 every series whose labels are known now (SPEC §7), so that increase()
+        and alerts see a task's first failure: a series born at its first event has no earlier
+        sample to compare with. Series of callers or tasks that went away keep their counts."""
+        callers = {name: self._callers(config, task) for name, task in config.tasks.items()}
+        for name, task in config.tasks.items():
+            reasons = self.REJECTION_REASONS + (self.JWT_REJECTION_REASONS if config.auth.jwt else ())
+            for reason in reasons + (("invalid_signature",) if task.signed_webhook else ()):
+                self.rejections.labels(name, reason)
+        with self._lock:
+            for name, names in callers.items():
+                bucket_count = len(self._buckets[name])
+                for caller in names:
+                    for status in self.STATUSES:
+                        self._series.setdefault((name, caller, status), [[0] * bucket_count, 0.0, 0])
+
+    @staticmethod
+    def _callers(config: Config, task: TaskSpec) -> set[str]:
+        """The api_key_used values a task's runs can have that are known before any request:
+        its keys (apiKeyNames, and keyPermissions grants that cover it), its webhook names,
+        and its signed webhook's provider. JWT subjects are not known in advance."""
+        names = set(task.api_key_names) | {name for name, _ in task.webhooks}
+        names |= {key for key, _ in config.auth.key_permissions
+                  if holds_permission(config.key_grants(key), f"tasks:run:{task.name}")}
+        if task.signed_webhook:
+            names.add(task.signed_webhook.provider)
+        return names
 
     def collect(self):
         from prometheus_client.core import HistogramMetricFamily
@@ -4041,6 +4143,7 @@ def start_metrics_server(host: str, port: int, metrics: Metrics, cert=None, key=
     REGISTRY.register(metrics)
     httpd, _ = start_http_server(port, addr=host, certfile=cert, keyfile=key)
     _bound_connections(httpd)
+    _answer_head_like_get(httpd)
     if cert:
         # The library wraps the listening socket, so each handshake would run in its single
         # accept loop, where one silent client stalls every scrape. Deferred, the handshake
@@ -4055,6 +4158,26 @@ def reload_metrics_tls(httpd, cert: str, key: str):
     new pair (connections already open keep theirs). The caller has checked the pair with
     tls_context first, since a failed load could leave the context half changed."""
     httpd.socket.context.load_cert_chain(cert, key)
+
+
+def _answer_head_like_get(httpd):
+    """The library's WSGI app answers HEAD with 405 and a body; a HEAD is a GET without the
+    body (RFC 9110 §9.3.2), as on the API listener: same status and headers, Content-Length
+    included, nothing after them."""
+    app = httpd.get_app()
+
+    def head_as_get(environ, start_response):
+        if environ.get("REQUEST_METHOD") != "HEAD":
+            return app(environ, start_response)
+        answer = []
+        body = b"".join(app({**environ, "REQUEST_METHOD": "GET"}, lambda *a: answer.extend(a)))
+        status, headers = answer[0], list(answer[1])
+        if not any(name.lower() == "content-length" for name, _ in headers):
+            headers.append(("Content-Length", str(len(body))))  # wsgiref adds it for GET only
+        start_response(status, headers)
+        return []
+
+    httpd.set_app(head_as_get)
 
 
 def _bound_connections(httpd):
@@ -4494,6 +4617,7 @@ class CallClient:
         self.scheme, self.host, self.port = parts.scheme, parts.hostname, port
         self.prefix = parts.path.rstrip("/")
         self.deadline = time.monotonic() + timeout if timeout else None
+        self.following: str | None = None  # path of the async run being followed (for Ctrl-C)
         self.headers = {}
         if token := os.environ.get("RTASK_AUTH_TOKEN"):
             self.headers["Authorization"] = f"Bearer {token}"
@@ -4567,11 +4691,35 @@ def call_exit_code(result: dict) -> int:
     return code if isinstance(code, int) and 0 < code < 256 else 1
 
 
+def explain_unsuccessful_run(task: str, result: dict) -> str | None:
+    """One sentence for a run that did not succeed when the task itself wrote nothing on
+    stderr (SPEC §11), so that a CI log shows why and not only an exit code. None when the
+    run succeeded or its stderr already says something (for a command that could not start,
+    stderr holds rtask's reason)."""
+    status, code, seconds = result.get("status"), result.get("exit_code"), result.get("duration_seconds")
+    if status == "success" or result.get("stderr"):
+        return None
+    if status == "timeout":
+        took = f" after {seconds:.1f} s" if isinstance(seconds, (int, float)) else ""
+        what = f"timed out{took} (executionTimeoutSeconds) and was killed"
+    elif status == "cancelled":
+        what = "was cancelled before it finished"
+    elif code == -1:
+        what = "was killed by a signal"
+    elif code == -2:
+        what = "could not start"
+    else:
+        what = f"failed with exit code {code}"
+    return f"rtask call: task {task!r} {what}."
+
+
 def cmd_call(args) -> int:
     import http.client
-    client = CallClient(args.url or os.environ.get("RTASK_URL") or "http://localhost:8800", args.timeout)
+    url = args.url or os.environ.get("RTASK_URL") or "http://localhost:8800"
+    client = CallClient(url, args.timeout)
     body = read_call_body(args)
-    path = f"/tasks/{args.task}"
+    from urllib.parse import quote
+    path = "/tasks/" + quote(args.task, safe="")  # a name may hold ':', ' ', '?', '%', ...
     query = call_query(args.param)
     try:
         if args.follow:
@@ -4584,10 +4732,22 @@ def cmd_call(args) -> int:
                 print(answer["task_id"])
                 return 0
             else:
-                result = wait_for_result(client, f"{path}/{answer['task_id']}")
+                client.following = f"{path}/{answer['task_id']}"
+                result = wait_for_result(client, client.following)
             sys.stdout.write(result.get("stdout", ""))
             sys.stderr.write(result.get("stderr", ""))
+        if sentence := explain_unsuccessful_run(args.task, result):
+            print(sentence, file=sys.stderr)
         return call_exit_code(result)
+    except KeyboardInterrupt:
+        if client.following:
+            run_url = url.rstrip("/") + client.following
+            print(f"rtask call: interrupted; run {client.following.rpartition('/')[2]} goes on on the server "
+                  f"(read its result with GET {run_url}, cancel it with DELETE {run_url}).", file=sys.stderr)
+        else:
+            print("rtask call: interrupted; a run already started goes on on the server until it ends.",
+                  file=sys.stderr)
+        return 130
     except CallRefused as e:
         print(f"rtask call: refused: {e}", file=sys.stderr)
         return 2
@@ -4656,7 +4816,8 @@ def follow_call(client: CallClient, path: str, body: bytes, query: str = "") -> 
     response = client.open("POST", path + query, body, stream=True)
     if not response.getheader("Content-Type", "").startswith("text/event-stream"):
         task_id = json.loads(response.read())["task_id"]
-        response = client.open("GET", f"{path}/{task_id}/events", stream=True)
+        client.following = f"{path}/{task_id}"
+        response = client.open("GET", f"{client.following}/events", stream=True)
     for event, data in client.events(response):
         if event == "stdout":
             sys.stdout.write(data)

@@ -663,7 +663,7 @@ _CK_INVALID = {
     "same_secret_two_tasks": ('[tasks.alpha]\ncommand = ["true"]\nwebhookSecrets = { gh = "dup-secret-5e1" }\n'
                               '[tasks.beta]\ncommand = ["true"]\nwebhookSecrets = { hook = "dup-secret-5e1" }\n',
                               ["alpha", "beta", "secret"]),
-    "bad_task_name": ('[tasks."a b"]\ncommand = ["true"]\napiKeyNames = ["ci"]\n', ["a b"]),
+    "bad_task_name": ('[tasks."a/b"]\ncommand = ["true"]\napiKeyNames = ["ci"]\n', ["a/b"]),
     "blocking_and_async": ('[tasks.build]\ncommand = ["true"]\napiKeyNames = ["ci"]\n'
                            'blocking = true\nasync = false\n', ["build", "blocking", "async"]),
     "redirect_and_merge": ('[tasks.build]\ncommand = ["true"]\napiKeyNames = ["ci"]\n'
@@ -689,7 +689,7 @@ _CK_INVALID = {
                                      'passRequestHeaders = ["X-Foo", "X_Foo"]\n',
                                      ["build", "passRequestHeaders", "REQUEST_HEADER_X_FOO"]),
     "key_permissions_bad_name": ('[tasks.build]\ncommand = ["true"]\napiKeyNames = ["ci"]\n'
-                                 '[auth.keyPermissions]\n"bad name" = ["tasks:run"]\n', ["keyPermissions", "bad name"]),
+                                 '[auth.keyPermissions]\n" bad name" = ["tasks:run"]\n', ["keyPermissions", "bad name"]),
     "task_not_a_table": ('[tasks]\nbuild = 5\n', ["build"]),
     "top_level_typo": ('[task.build]\ncommand = ["true"]\napiKeyNames = ["ci"]\n', ["task", "tasks"]),
 }
@@ -2235,11 +2235,14 @@ def test_duration_histogram_has_handler_key_and_status_labels(_hx_shared):
 def test_custom_duration_buckets_are_used(_hx_shared):
     sh = _hx_shared
     _hx_json(sh.server.post("buckets", key=sh.ci), 200)
-    wait_for(lambda: sh.server.metric("task_duration_seconds_count", handler="buckets") == 1, timeout=5)
+    wait_for(lambda: sh.server.metric("task_duration_seconds_count", handler="buckets", status="success") == 1,
+             timeout=5)
     text = sh.server.metrics()
     assert _hx_le_values(text, "buckets") == {0.1, 1.0, float("inf")}  # a written inf is not doubled
-    assert len(re.findall(r'^task_duration_seconds_bucket\{[^}]*handler="buckets"[^}]*le="\+Inf"', text, re.M)) == 1
-    assert sh.server.metric("task_duration_seconds_bucket", handler="buckets", le="+Inf") == 1
+    # One +Inf bucket per series (success, failure, timeout exist from the start).
+    assert len(re.findall(r'^task_duration_seconds_bucket\{[^}]*handler="buckets"[^}]*le="\+Inf"'
+                          r'[^}]*status="success"', text, re.M)) == 1
+    assert sh.server.metric("task_duration_seconds_bucket", handler="buckets", le="+Inf", status="success") == 1
 
 
 def test_default_process_collectors_are_on(_hx_shared):
@@ -8635,3 +8638,567 @@ def test_av_key_check_without_memory_is_503_and_recovers(start_server):
         conn.close()
     log_text = server.log()
     assert "Traceback" not in log_text and log_text.count("cannot verify a key now") == 1, log_text
+
+
+# =============================================================================================
+# ===== HTTP semantics, key spellings, Go names, pre-initialised metrics, call messages =====
+# =============================================================================================
+# Helpers of this section are prefixed _h2_. One shared server answers the HTTP tests; tests
+# that need their own files or names start their own.
+
+_H2_HOOK_SECRET = "h2-secret/with/slash/"
+_H2_GITLAB_SECRET = "sécret-h2"
+
+
+def _h2_config(d: Path) -> str:
+    return f"""
+[tasks.echo]
+command = ["sh", "-c", "printf '%s' \\"$REQUEST_HEADER_X_NAME\\" | od -An -tx1 | tr -d ' \\\\n'"]
+apiKeyNames = ["ci"]
+passRequestHeaders = ["X-Name"]
+webhookSecrets = {{ hook = "{_H2_HOOK_SECRET}" }}
+
+[tasks.slow]
+command = ["sh", "-c", "echo started; sleep 30"]
+apiKeyNames = ["ci"]
+async = true
+executionTimeoutSeconds = 40
+
+[tasks.signed]
+command = ["true"]
+[tasks.signed.signedWebhook]
+provider = "gitlab"
+secret = "{_H2_GITLAB_SECRET}"
+"""
+
+
+@pytest.fixture(scope="module")
+def _h2(tmp_path_factory):
+    d = tmp_path_factory.mktemp("h2")
+    (d / "config.toml").write_text(_h2_config(d))
+    ci = new_key(d, "ci")
+    server = Server(d)
+    try:
+        run_id = server.post("echo", key=ci).json["task_id"]
+        slow_id = server.post("slow", key=ci).json["task_id"]
+        yield types.SimpleNamespace(server=server, ci=ci, run_id=run_id, slow_id=slow_id, dir=d)
+    finally:
+        server.stop()
+
+
+def _h2_exchange(server, *requests: bytes, timeout=5.0) -> bytes:
+    """Send requests on one keep-alive connection (the last should say Connection: close);
+    everything the server sent until it closed."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as s:
+        s.sendall(b"".join(requests))
+        chunks = []
+        try:
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        except (socket.timeout, ConnectionResetError):
+            pass
+    return b"".join(chunks)
+
+
+def _h2_request(method, path, headers=(), close=False) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: x", *headers]
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _h2_split_head(data: bytes) -> tuple[int, dict, bytes]:
+    """(status, lower-cased headers without Date, the bytes after the head)."""
+    head, sep, rest = data.partition(b"\r\n\r\n")
+    assert sep, data
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.lower() != "date":
+            headers[name.lower()] = value.strip()
+    return int(lines[0].split(" ")[1]), headers, rest
+
+
+def _h2_head_and_get(server, path, headers=()) -> tuple[tuple, tuple]:
+    """((status, headers, bytes after the head) of a HEAD followed on its connection by a
+    GET /health, (status, headers, body) of a GET of the same path on a connection of its own,
+    so that an answer that closes its connection is still compared)."""
+    head = _h2_split_head(_h2_exchange(
+        server, _h2_request("HEAD", path, headers) + _h2_request("GET", "/health", close=True)))
+    get = _h2_split_head(_h2_exchange(server, _h2_request("GET", path, headers, close=True)))
+    return head, get
+
+
+def _h2_www_authenticate(r: Response) -> str:
+    return r.headers.get("WWW-Authenticate", "")
+
+
+# -- HEAD --------------------------------------------------------------------------------------
+
+
+def test_head_is_answered_like_get_without_a_body_on_every_route(_h2):
+    """Status, headers and Content-Length as GET, no body: the next answer on the connection
+    starts right after the head (curl -I, wget --spider, Node's keep-alive agent)."""
+    s, key = _h2.server, [f"Authorization: Bearer {_h2.ci}"]
+    cases = [("/health", ()), ("/health/", ()), ("/health/live", ()), ("/health/ready", ()),
+             ("/health/detailed", ()), ("/tasks", key), ("/tasks", ()), ("/tasks/echo", key),
+             (f"/tasks/echo/{_h2.run_id}", key), ("/tasks/echo/aaaaaaaaaaaaaaaa", key),
+             (f"/tasks/echo/{_h2.run_id}", ["Authorization: Bearer wrong"]), ("/nothing/here", ()),
+             ("/wh/" + _H2_HOOK_SECRET, ()), ("/config", ()), ("/tasks/echo/x/y/z", key)]
+    for path, headers in cases:
+        (h_status, h_headers, after), (g_status, g_headers, g_body) = _h2_head_and_get(s, path, headers)
+        assert after.startswith(b"HTTP/1.1 200 OK"), (path, after[:200])  # no body came before it
+        g_headers.pop("connection", None)
+        h_headers.pop("connection", None)
+        assert (h_status, h_headers) == (g_status, g_headers), path
+        if path != "/health/detailed":  # its uptime changes between the two requests
+            assert h_headers["content-length"] == str(len(g_body)), path
+
+
+def test_head_on_a_path_without_get_is_405_without_a_body_and_allow_lists_head(_h2):
+    s = _h2.server
+    status, headers, after = _h2_split_head(_h2_exchange(
+        s, _h2_request("HEAD", "/hooks/signed") + _h2_request("GET", "/health", close=True)))
+    assert (status, headers["allow"]) == (405, "POST")
+    assert after.startswith(b"HTTP/1.1 200 OK"), after[:200]
+    r = s.request("PUT", f"/tasks/echo/{_h2.run_id}", key=_h2.ci)
+    assert r.status == 405 and r.headers["Allow"] == "GET, HEAD, DELETE", (r, r.headers)
+    r = s.request("PUT", "/health")
+    assert r.status == 405 and r.headers["Allow"] == "GET, HEAD", (r, r.headers)
+
+
+def test_head_on_an_event_stream_sends_its_headers_and_no_stream(_h2):
+    """The run is still running: a HEAD must not wait for it nor send any event."""
+    started = time.monotonic()
+    data = _h2_exchange(_h2.server, _h2_request("HEAD", f"/tasks/slow/{_h2.slow_id}/events",
+                                                [f"Authorization: Bearer {_h2.ci}"]), timeout=10)
+    assert time.monotonic() - started < 5
+    status, headers, after = _h2_split_head(data)
+    assert status == 200 and headers["content-type"] == "text/event-stream", data
+    assert headers["x-accel-buffering"] == "no" and headers["cache-control"] == "no-cache"
+    assert after == b"", after
+
+
+@pytest.mark.parametrize("request_bytes, expected", [
+    (b"HEAD /health HTTP/1.1\r\nHost: x\r\nbad header line\r\n\r\n", 400),
+    (b"HEAD /health HTTP/2.0\r\nHost: x\r\n\r\n", 400),
+    (b"HEAD /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    (b"HEAD /health HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n", 431),
+], ids=["bad_header", "bad_version", "long_line", "long_header"])
+def test_head_on_a_protocol_error_has_no_body(_h2, request_bytes, expected):
+    data = _h2_exchange(_h2.server, request_bytes)
+    status, headers, after = _h2_split_head(data)
+    assert status == expected and int(headers["content-length"]) > 0 and after == b"", data
+
+
+def test_head_has_no_side_effects_of_its_own(_h2):
+    """HEAD goes to GET routes only: a HEAD on a task path never runs it."""
+    runs = lambda: len(_h2.server.get("/tasks/echo", key=_h2.ci).json["runs"])  # noqa: E731
+    before = runs()
+    for path in ("/tasks/echo", "/tasks/echo/", "/wh/" + _H2_HOOK_SECRET):
+        assert _h2.server.request("HEAD", path, key=_h2.ci).status in (200, 404)
+    assert runs() == before
+
+
+def test_metrics_listener_answers_head_like_get(_h2):
+    with socket.create_connection(("127.0.0.1", _h2.server.metrics_port), timeout=5) as sock:
+        sock.sendall(b"HEAD /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    status, headers, after = _h2_split_head(data)
+    assert status == 200 and after == b"", data[:300]
+    assert int(headers["content-length"]) > 1000  # GET's length, not 0
+    assert headers["content-type"].startswith("text/plain")
+
+
+# -- 401, trailing slash, header bytes, newline, SSE headers -----------------------------------
+
+
+def test_every_401_carries_a_bearer_challenge(_h2):
+    s = _h2.server
+    missing = s.post("echo")
+    assert missing.status == 401 and _h2_www_authenticate(missing) == 'Bearer realm="rtask"', missing.headers
+    refused = [s.post("echo", key=_h2.ci[:-2] + "AA"), s.post("echo", key="notakey"),
+               s.post("echo", headers={"Authorization": "Basic Zm9vOmJhcg=="}),
+               s.get(f"/tasks/echo/{_h2.run_id}", headers={"X-API-Key": "wrong"}),
+               s.request("POST", "/hooks/signed", headers={"X-Gitlab-Token": "wrong"})]
+    for r in refused:
+        assert r.status == 401, r
+        assert _h2_www_authenticate(r) == 'Bearer realm="rtask", error="invalid_token"', (r, r.headers)
+
+
+def test_a_trailing_slash_names_the_same_resource(_h2):
+    s = _h2.server
+    ran = s.request("POST", "/tasks/echo/", key=_h2.ci)
+    assert ran.status == 200 and ran.json["status"] == "success", ran
+    assert s.get("/tasks/", key=_h2.ci).status == 200
+    assert s.get("/tasks/echo/", key=_h2.ci).json["task"] == "echo"
+    assert s.get(f"/tasks/echo/{ran.json['task_id']}/", key=_h2.ci).json["task_id"] == ran.json["task_id"]
+    assert s.get("/health/").json == {"status": "healthy"}
+    assert s.get("/health/live/").json == {"status": "alive"}
+    # Under /wh/ a final "/" belongs to the secret (secrets may hold '/').
+    assert s.request("POST", "/wh/" + _H2_HOOK_SECRET).status == 200
+    assert s.request("POST", "/wh/" + _H2_HOOK_SECRET.rstrip("/")).status == 404
+
+
+@pytest.mark.parametrize("value", [b"caf\xc3\xa9", b"\xff\xfe raw", b"\xe2\x82\xac \xf0\x9f\x9a\x80"])
+def test_header_values_reach_the_command_byte_for_byte(_h2, value):
+    head = (f"POST /tasks/echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {_h2.ci}\r\n"
+            "Content-Length: 0\r\nConnection: close\r\nX-Name: ").encode() + value + b"\r\n\r\n"
+    status, _, body = _h2_split_head(_h2_exchange(_h2.server, head))
+    assert status == 200 and json.loads(body)["stdout"] == value.hex(), body
+
+
+def test_signed_webhook_token_is_compared_on_the_bytes_sent(_h2):
+    """The GitLab token is the secret itself, UTF-8 on the wire; bytes that are not UTF-8 are
+    a wrong token (401), never an error."""
+    s = _h2.server
+    good = (b"POST /hooks/signed HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n"
+            b"X-Gitlab-Token: " + _H2_GITLAB_SECRET.encode() + b"\r\n\r\n")
+    assert _h2_split_head(_h2_exchange(s, good))[0] == 200
+    bad = good.replace(_H2_GITLAB_SECRET.encode(), b"s\xe9cret-h2")
+    assert _h2_split_head(_h2_exchange(s, bad))[0] == 401
+
+
+def test_json_answers_end_with_a_newline(_h2):
+    s = _h2.server
+    answers = [s.get("/health"), s.post("echo", key=_h2.ci), s.post("echo"), s.get("/nothing"),
+               s.request("PUT", "/health")]
+    for r in answers:
+        assert r.body.endswith(b"}\n") and r.body.count(b"\n") == 1, r
+        assert json.loads(r.body)
+    status, headers, body = _h2_split_head(_h2.server.raw(b"GET /health HTTP/1.1\r\nHost: x\r\nbad\r\n\r\n"))
+    assert status == 400 and body.endswith(b"}\n") and int(headers["content-length"]) == len(body), body
+
+
+def test_event_streams_tell_proxies_not_to_buffer(_h2):
+    s = _h2.server
+    streamed = s.request("POST", "/tasks/echo", key=_h2.ci, headers={"Accept": "text/event-stream"})
+    followed = s.get(f"/tasks/echo/{_h2.run_id}/events", key=_h2.ci)
+    for r in (streamed, followed):
+        assert r.status == 200 and r.headers["Content-Type"] == "text/event-stream", r
+        assert (r.headers["X-Accel-Buffering"], r.headers["Cache-Control"]) == ("no", "no-cache")
+        assert b"event: result" in r.body
+
+
+# -- one key, one spelling ---------------------------------------------------------------------
+
+
+def _h2_other_spellings(token: str) -> dict[str, str]:
+    """Spellings of the same (id, key) that are not the one add-key printed (id 1..23)."""
+    raw = _ck_b64d(token)
+    key_id, key = cbor2.loads(raw)[1], cbor2.loads(raw)[2]
+    assert raw[:4] == b"\xa2\x01" + bytes([key_id]) + b"\x02" and len(raw) % 3  # {1: id, 2: key}
+    alphabet = string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_"
+    return {
+        "trailing_char": token + "x",
+        "trailing_block": token + "AAAAAAAA",
+        "padding": token + "=" * (-len(token) % 4),
+        "unused_bits_set": token[:-1] + alphabet[alphabet.index(token[-1]) | 1],
+        "cbor_after_map": _ck_b64e(raw + b"\x00"),
+        "extra_field": _ck_b64e(cbor2.dumps({1: key_id, 2: key, 3: 1})),
+        "fields_reordered": _ck_b64e(cbor2.dumps({2: key, 1: key_id})),
+        "long_int_form": _ck_b64e(raw[:2] + b"\x1a" + key_id.to_bytes(4, "big") + raw[3:]),
+        "indefinite_bytes": _ck_b64e(raw[:4] + b"\x5f" + cbor2.dumps(key[:20]) + cbor2.dumps(key[20:]) + b"\xff"),
+        "bool_field_key": _ck_b64e(b"\xa2\xf5" + raw[2:]),  # true == 1 to a Python dict
+    }
+
+
+def test_a_key_has_one_spelling_and_others_are_invalid_key_encoding(start_server):
+    server, tokens = start_server("""
+        [tasks.t]
+        command = ["true"]
+        apiKeyNames = ["ci", "second"]
+        """, keys=("ci", "second"))
+    token = tokens["second"]  # id 1: the map has both fields
+    assert cbor2.loads(_ck_b64d(token))[1] == 1
+    for name, spelling in _h2_other_spellings(token).items():
+        assert spelling != token, name
+        r = server.post("t", key=spelling)
+        assert r.status == 401 and r.json["message"] == "The API key is malformed.", (name, spelling, r)
+    assert server.metric("task_rejection_total", handler="t", reason="invalid_key_encoding") == \
+        len(_h2_other_spellings(token))
+    assert server.post("t", key=token).status == 200
+    assert server.post("t", key=tokens["ci"]).status == 200  # id 0: no field 1 at all
+
+
+def test_a_repeated_key_costs_one_argon2_run(start_server):
+    """Cached by the decoded key: 20 uses of a key cost about one verification, not twenty."""
+    server, tokens = start_server('[tasks.t]\ncommand = ["true"]\napiKeyNames = ["ci"]\n')
+    started = time.monotonic()
+    for _ in range(20):
+        assert server.request("GET", "/tasks/t", key=tokens["ci"]).status == 200
+    cached = time.monotonic() - started
+    assert cached < 20 * 0.05 + 2, cached  # twenty Argon2 runs would take 20 x ~65 ms at least
+
+
+@pytest.mark.parametrize("entry_change", ["extra_field", "bytes_after_map", "string_field_key"])
+def test_a_stored_entry_of_another_shape_is_refused_naming_the_key(tmp_path, entry_change):
+    new_key(tmp_path, "ci")
+    entry = _ck_entries(tmp_path / "keys.toml")["ci"]
+    raw = _ck_b64d(entry)
+    fields = cbor2.loads(raw)
+    changed = {"extra_field": lambda: cbor2.dumps({**fields, 7: 1}),
+               "bytes_after_map": lambda: raw + b"\x01",
+               "string_field_key": lambda: cbor2.dumps({**{k: v for k, v in fields.items() if k != 6}, "6": fields[6]}),
+               }[entry_change]()
+    (tmp_path / "keys.toml").write_text(f'ci = "{_ck_b64e(changed)}"\n')
+    out = rtask_cli("list-keys", cwd=tmp_path)
+    assert out.returncode == 1 and "'ci'" in out.stderr and "Traceback" not in out.stderr, out
+    assert out.stderr.count("\n") == 1, out.stderr
+
+
+# -- names as the Go RTask takes them -----------------------------------------------------------
+
+_H2_ODD_TASK = "rel 1.0?x=%41#z:prod"
+
+
+def test_go_style_task_and_key_names_work_end_to_end(start_server, tmp_path):
+    server, tokens = start_server(f"""
+        [tasks."build:prod"]
+        command = ["sh", "-c", "echo prod $RTASK_TASK_NAME"]
+        apiKeyNames = ["deploy key"]
+
+        [tasks."{_H2_ODD_TASK}"]
+        command = ["echo", "odd"]
+        apiKeyNames = ["ci"]
+
+        [auth]
+        configEndpointEnabled = true
+
+        [auth.keyPermissions]
+        "deploy key" = ["tasks:read:{_H2_ODD_TASK}", "system:config_read"]
+        "ci" = ["tasks:run:build:prod"]
+        """, keys=("deploy key", "ci"))
+    keys_text = (tmp_path / "keys.toml").read_text()
+    assert tomllib.loads(keys_text).keys() == {"deploy key", "ci"}
+    assert rtask_cli("list-keys", cwd=tmp_path).stdout.count("deploy key") == 1
+    ran = server.post("build%3Aprod", key=tokens["deploy key"])
+    assert ran.status == 200 and ran.json["stdout"] == "prod build:prod\n", ran
+    assert server.post("build:prod", key=tokens["ci"]).status == 200  # keyPermissions with ':' in it
+    odd = server.post(urllib.parse.quote(_H2_ODD_TASK, safe=""), key=tokens["ci"])
+    assert odd.status == 200 and odd.json["stdout"] == "odd\n", odd
+    assert server.get("/tasks/" + urllib.parse.quote(_H2_ODD_TASK, safe="") + "/" + odd.json["task_id"],
+                      key=tokens["deploy key"]).status == 200
+    config = server.get("/config", key=tokens["deploy key"]).json
+    assert set(config["tasks"]) == {"build:prod", _H2_ODD_TASK} and "deploy key" in config["auth"]["keys"]
+    assert server.metric("task_duration_seconds_count", handler="build:prod", api_key_used="deploy key",
+                         status="success") == 1
+    env = {**os.environ, "RTASK_URL": f"http://127.0.0.1:{server.port}", "RTASK_AUTH_TOKEN": tokens["ci"]}
+    for name, expected in (("build:prod", "prod build:prod\n"), (_H2_ODD_TASK, "odd\n")):
+        out = rtask_cli("call", name, cwd=tmp_path, env=env)
+        assert (out.returncode, out.stdout) == (0, expected), out
+    assert re.search(r'task="?build:prod', server.log())
+
+
+@pytest.mark.parametrize("name", ["a/b", " lead", "trail ", "tab\tin", "new\nline", "del\x7f", ""])
+def test_names_with_slash_control_or_surrounding_whitespace_are_refused(tmp_path, name):
+    out = rtask_cli("add-key", name, cwd=tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out
+    assert not (tmp_path / "keys.toml").exists()
+    if name:
+        (tmp_path / "config.toml").write_text(f'[tasks.{json.dumps(name)}]\ncommand = ["true"]\napiKeyNames = ["ci"]\n')
+        out = rtask_cli("check-config", cwd=tmp_path)
+        assert out.returncode == 1 and "'/'" in out.stderr and "Traceback" not in out.stderr, out
+
+
+# -- metrics known at start-up exist at 0 --------------------------------------------------------
+
+
+def test_series_known_at_start_exist_at_zero_and_after_a_reload(start_server, tmp_path):
+    server, tokens = start_server("""
+        [tasks.t]
+        command = ["true"]
+        apiKeyNames = ["ci"]
+        webhookSecrets = { gh = "h2-preinit-secret" }
+        """)
+    text = server.metrics()
+    for reason in ("missing_key", "invalid_header", "invalid_key_encoding", "invalid_key", "key_not_allowed",
+                   "limit_exceeded", "max_concurrent", "input_too_large", "invalid_content"):
+        assert f'task_rejection_total{{handler="t",reason="{reason}"}} 0.0' in text, reason
+    for caller in ("ci", "gh"):
+        for status in ("success", "failure", "timeout"):
+            assert (f'task_duration_seconds_count{{api_key_used="{caller}",handler="t",status="{status}"}} 0.0'
+                    in text), (caller, status)
+            assert (f'task_duration_seconds_bucket{{api_key_used="{caller}",handler="t",le="+Inf",'
+                    f'status="{status}"}} 0.0' in text)
+    server.post("t")  # a first rejection is a step from 0 to 1
+    assert server.metric("task_rejection_total", handler="t", reason="missing_key") == 1
+    (tmp_path / "config.toml").write_text(textwrap.dedent("""
+        [tasks.t]
+        command = ["true"]
+        apiKeyNames = ["ci"]
+
+        [tasks.added]
+        command = ["true"]
+        apiKeyNames = ["ci"]
+        """))
+    server.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: 'task_rejection_total{handler="added",reason="invalid_key"} 0.0' in server.metrics())
+    text = server.metrics()
+    assert 'task_duration_seconds_count{api_key_used="ci",handler="added",status="timeout"} 0.0' in text
+    assert server.metric("task_rejection_total", handler="t", reason="missing_key") == 1  # kept
+
+
+# -- rtask call: why a run did not succeed, Ctrl-C ------------------------------------------------
+
+_H2_CALL_CONFIG = """
+[tasks.slow_silent]
+command = ["sleep", "30"]
+apiKeyNames = ["ci"]
+executionTimeoutSeconds = 0.5
+
+[tasks.killed]
+command = ["sh", "-c", "kill -9 $$"]
+apiKeyNames = ["ci"]
+
+[tasks.exit3]
+command = ["sh", "-c", "exit 3"]
+apiKeyNames = ["ci"]
+
+[tasks.speaks]
+command = ["sh", "-c", "echo 'my own reason' >&2; exit 4"]
+apiKeyNames = ["ci"]
+
+[tasks.missing]
+command = ["/nonexistent/h2-program"]
+apiKeyNames = ["ci"]
+
+[tasks.background]
+command = ["sh", "-c", "echo begun; sleep 30"]
+apiKeyNames = ["ci"]
+async = true
+executionTimeoutSeconds = 40
+"""
+
+
+def _h2_call(server, token, *args, cwd, timeout=30):
+    env = {**os.environ, "RTASK_URL": f"http://127.0.0.1:{server.port}", "RTASK_AUTH_TOKEN": token}
+    return rtask_cli("call", *args, cwd=cwd, env=env, timeout=timeout)
+
+
+def test_call_says_in_one_sentence_why_a_silent_run_did_not_succeed(start_server, tmp_path):
+    server, tokens = start_server(_H2_CALL_CONFIG)
+    cases = {"slow_silent": (124, "timed out after"), "killed": (1, "killed by a signal"),
+             "exit3": (3, "exit code 3")}
+    for task, (code, fragment) in cases.items():
+        out = _h2_call(server, tokens["ci"], task, cwd=tmp_path)
+        assert out.returncode == code, (task, out)
+        assert out.stderr.count("\n") == 1 and fragment in out.stderr and repr(task) in out.stderr, (task, out)
+    spoke = _h2_call(server, tokens["ci"], "speaks", cwd=tmp_path)
+    assert (spoke.returncode, spoke.stderr) == (4, "my own reason\n"), spoke  # the task said why
+    missing = _h2_call(server, tokens["ci"], "missing", cwd=tmp_path)
+    assert missing.returncode == 125 and missing.stderr.startswith("cannot start"), missing  # rtask's reason
+    assert missing.stderr.strip().count("\n") == 0, missing.stderr
+
+
+def test_call_says_when_a_followed_run_was_cancelled(start_server, tmp_path):
+    server, tokens = start_server(_H2_CALL_CONFIG)
+    env = {**os.environ, "RTASK_URL": f"http://127.0.0.1:{server.port}", "RTASK_AUTH_TOKEN": tokens["ci"]}
+    call = subprocess.Popen([sys.executable, RTASK, "call", "background"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        runs = wait_for(lambda: server.get("/tasks/background", key=tokens["ci"]).json["runs"], timeout=15)
+        assert server.request("DELETE", f"/tasks/background/{runs[0]['task_id']}", key=tokens["ci"]).status == 200
+        stdout, stderr = call.communicate(timeout=20)
+    finally:
+        call.kill()
+        call.wait()
+    assert call.returncode == 1 and "was cancelled" in stderr, (stdout, stderr)
+
+
+@pytest.mark.parametrize("follow", [False, True])
+def test_ctrl_c_while_following_an_async_run_names_it_and_exits_130(start_server, tmp_path, follow):
+    server, tokens = start_server(_H2_CALL_CONFIG)
+    env = {**os.environ, "RTASK_URL": f"http://127.0.0.1:{server.port}", "RTASK_AUTH_TOKEN": tokens["ci"]}
+    call = subprocess.Popen([sys.executable, RTASK, "call", "background", *(["--follow"] if follow else [])],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        runs = wait_for(lambda: server.get("/tasks/background", key=tokens["ci"]).json["runs"], timeout=15)
+        time.sleep(1.0)  # the client is now waiting on its long-poll or its event stream
+        call.send_signal(signal.SIGINT)
+        stdout, stderr = call.communicate(timeout=20)
+    finally:
+        call.kill()
+        call.wait()
+    run_id = runs[0]["task_id"]
+    assert call.returncode == 130, (stdout, stderr)
+    assert run_id in stderr and "goes on" in stderr and "Traceback" not in stderr, stderr
+    assert stderr.strip().count("\n") == 0, stderr
+    assert server.get(f"/tasks/background/{run_id}", key=tokens["ci"]).json["status"] == "running"
+
+
+# -- Python older than 3.11 -----------------------------------------------------------------------
+
+
+def _h2_old_pythons() -> list[str]:
+    """Interpreters older than 3.11 that happen to be installed (pyenv, python3.8..3.10)."""
+    import glob
+    import shutil
+    found = [shutil.which(f"python3.{minor}") for minor in (8, 9, 10)]
+    found += glob.glob(os.path.expanduser("~/.pyenv/versions/3.*/bin/python3"))
+    old = []
+    for python in sorted({p for p in found if p}):
+        try:
+            out = subprocess.run([python, "-c", "import sys; print((3, 8) <= sys.version_info < (3, 11))"],
+                                 capture_output=True, text=True, timeout=30)
+        except OSError:
+            continue
+        if out.stdout.strip() == "True":  # a pyenv shim for a version not selected fails here
+            old.append(python)
+    return old
+
+
+def test_rtask_py_parses_as_python_3_8():
+    import ast
+    ast.parse(Path(RTASK).read_text(), feature_version=(3, 8))
+
+
+def test_an_old_python_gets_one_sentence_naming_both_versions(tmp_path):
+    """Run for real with an older interpreter when one is installed (no way to fake
+    sys.version_info for a subprocess honestly); skipped, saying so, otherwise."""
+    pythons = _h2_old_pythons()
+    if not pythons:
+        pytest.skip("no Python 3.8-3.10 interpreter installed (python3.8..3.10 or ~/.pyenv/versions)")
+    for python in pythons:
+        version = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"],
+                                 capture_output=True, text=True, timeout=30).stdout.strip()
+        for argv in (["call", "x"], ["run"], ["--version"]):
+            out = subprocess.run([python, RTASK, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+            assert out.returncode == 1 and out.stdout == "", (python, argv, out)
+            assert out.stderr.count("\n") == 1 and "3.11" in out.stderr and version in out.stderr, (python, out.stderr)
+
+
+# -- the README's systemd unit --------------------------------------------------------------------
+
+
+def test_readme_systemd_unit_passes_systemd_analyze_verify(tmp_path):
+    """systemd drops a setting line it cannot parse (e.g. one with a trailing '# comment')
+    with only a warning: every such line is a hardening option silently not in force."""
+    import shutil
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (.ci/run installs Debian's systemd package)")
+    readme = (HERE / "README.md").read_text()
+    match = re.search(r"`/etc/systemd/system/rtask\.service`:\n\n```ini\n(.*?)```", readme, re.S)
+    assert match, "README.md has no rtask.service unit block"
+    unit = match.group(1)
+    # The paths the unit names, made to exist here.
+    (tmp_path / "opt").mkdir()
+    (tmp_path / "opt" / "rtask.py").write_text("")
+    unit = unit.replace("/opt/rtask", str(tmp_path / "opt")).replace("/usr/bin/python3", sys.executable)
+    settings = [line for line in unit.splitlines() if "=" in line and not line.lstrip().startswith("#")]
+    assert all("#" not in line.partition("=")[2] for line in settings), "a comment at the end of a setting line"
+    (tmp_path / "rtask.service").write_text(unit)
+    out = subprocess.run([analyze, "verify", str(tmp_path / "rtask.service")],
+                         capture_output=True, text=True, timeout=60)
+    problems = [line for line in (out.stdout + out.stderr).splitlines()
+                if re.search(r"Failed to parse|Unknown key|[Uu]nknown (lvalue|section)|ignoring", line)]
+    assert not problems, "\n".join(problems)
+    names = {line.partition("=")[0].strip() for line in settings}
+    for hardening in ("TimeoutStopSec", "NoNewPrivileges", "PrivateTmp", "ProtectSystem", "ProtectHome",
+                      "PrivateDevices", "ProtectKernelLogs", "ProtectClock", "RestrictNamespaces",
+                      "SystemCallArchitectures", "UMask", "KillMode", "ExecReload"):
+        assert hardening in names, hardening
