@@ -1197,18 +1197,20 @@ class KeyRing:
     def verify(self, token: str) -> str:
         """The name of the key ``token`` is, or Reject(401). Unknown ids never reach Argon2."""
         self.reload_if_changed()
+        # The cache is keyed by an HMAC of the token (never the token: the cache holds nothing
+        # that opens the server). Only a key's one canonical spelling is ever verified and
+        # cached, so a token names exactly one decoded key and no other spelling of it can hit
+        # or fill the cache: this is keying by the decoded key, without decoding on a hit.
+        tag = hmac.digest(self._cache_secret, token.encode("utf-8", "surrogateescape"), "sha256")
+        name = self._cached(tag)
+        if name:
+            return name
         try:
             if len(token) > MAX_TOKEN_CHARS:
                 raise ValueError("too long")
             key_id, key = decode_api_key(token)
         except ValueError:
             raise unauthorized("invalid_key_encoding", "The API key is malformed.") from None
-        # Cached by the decoded key, never by its text: a key has one spelling anyway, and the
-        # tag is an HMAC so the cache holds nothing that opens the server.
-        tag = hmac.digest(self._cache_secret, key_id.to_bytes(4, "big") + key, "sha256")
-        name = self._cached(tag)
-        if name:
-            return name
         stored = self._by_id.get(key_id)
         if stored is None or len(key) != len(stored.hash):
             raise unauthorized("invalid_key", "The API key is not valid.")
