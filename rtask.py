@@ -49,6 +49,7 @@ import os
 import re
 import secrets
 import selectors
+import shlex
 import signal
 import socket
 import sys
@@ -822,7 +823,7 @@ def warn_about_key_names(config: Config, key_names, keys_path, problems: Problem
             if name not in key_names:
                 problems.warnings.append(
                     f"{config.path}: task {task.name!r}: key {name!r} is not in {keys_path} yet; "
-                    f"create it with: rtask add-key {name}")
+                    f"create it with: rtask add-key {shlex.quote(name)}")
     for name, grants in config.auth.key_permissions:
         if "*" in grants:
             problems.warnings.append(f"{config.path}: [auth.keyPermissions] grants '*' (everything) to key {name!r}")
