@@ -1611,6 +1611,7 @@ PARAMETER_TYPES = ("string", "integer", "number", "boolean", "choice")
 DEFAULT_PARAMETER_LENGTH = 256  # characters, when maxLength is not given
 MAX_PARAMETER_LENGTH = 4096  # the largest maxLength a config may give
 MATCH_MAX_CHARS = 4096  # a payload value longer than this never matches a `match` pattern
+_PARAMETER_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")  # it becomes RTASK_PARAM_<NAME> and "{name}"
 _ARGUMENT_RE = re.compile(r"\{([A-Za-z0-9_.-]+)\}")  # a whole argv element naming a parameter
 _JSON_POINTER_RE = re.compile(r"(/([^~/]|~[01])*)*")  # RFC 6901 §3: "~" only as ~0 or ~1
 _ARRAY_INDEX_RE = re.compile(r"0|[1-9][0-9]*")  # RFC 6901 §4: no leading zeros, no "-"
@@ -1726,7 +1727,7 @@ def parse_parameters(where, table, command, problems: Problems) -> tuple[Paramet
 
 
 def _parse_parameter(where, name, table, problems: Problems) -> ParameterSpec | None:
-    if not NAME_RE.fullmatch(name):
+    if not _PARAMETER_NAME_RE.fullmatch(name):
         problems.errors.append(f"{where}: the name may only use letters, digits, '_', '.', '-'")
         return None
     if not isinstance(table, dict):

@@ -7944,7 +7944,7 @@ def test_plain_webhook_from_a_disallowed_network_is_404_like_an_unknown_secret(s
     refused = _iso_request(server, "POST", f"/wh/{_ISO_SECRET}", "127.0.0.2")
     unknown = _iso_request(server, "POST", "/wh/not-a-secret", "127.0.0.2")
     assert (refused.status, refused.body) == (unknown.status, unknown.body) == (
-        404, b'{"error": "not_found", "message": "There is nothing at this path."}'), refused
+        404, b'{"error": "not_found", "message": "There is nothing at this path."}\n'), refused
     assert server.metric("task_rejection_total", handler="net", reason="network_not_allowed") == 1
     assert _iso_request(server, "POST", f"/wh/{_ISO_SECRET}").status == 200
 
