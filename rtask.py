@@ -42,6 +42,7 @@ import secrets
 import selectors
 import signal
 import socket
+import sqlite3
 import sys
 import tempfile
 import threading
@@ -1513,6 +1514,9 @@ class Run:
         self.status = "queued"
         self.exit_code = -1
         self.launch = None  # while queued: the callable waiting in the task's line
+        self.pgid: int | None = None  # its process group once spawned (the leader's pid)
+        self.proc_start: int | None = None  # that leader's start time (see process_start_time)
+        self.owner = os.getpid()  # the process running it
         self.stdout = Output(task.max_output_bytes)
         self.stderr = Output(task.max_output_bytes)
         self.done = threading.Event()
@@ -1636,7 +1640,8 @@ class Executor:
       PIPE_GRACE_SECONDS; such processes are left running (a task may start a daemon).
     """
 
-    def __init__(self):
+    def __init__(self, on_spawn=lambda run: None):
+        self.on_spawn = on_spawn  # called with the run once its process group exists
         self._selector = selectors.DefaultSelector()
         self._timers: list = []  # heap of [when, seq, callback or None when cancelled]
         self._cancelled = 0  # cancelled entries still in the heap
@@ -1669,6 +1674,8 @@ class Executor:
                 os.close(fd)
             self._end_unstarted(run, e, on_end)
             return
+        run.pgid, run.proc_start = process.pid, process_start_time(process.pid)
+        self.on_spawn(run)
         for _, write_end in pipes[1:]:
             os.close(write_end)
         os.close(stdin[0])
@@ -1927,55 +1934,278 @@ def _killpg(pgid: int, sig):
 
 
 # =============================================================================================
-# Results (kept runs, retention)
+# Results and state (retention, the durable store)
 # =============================================================================================
+
+ENDED_STATUSES = ("success", "failure", "timeout", "cancelled")
+CRASH_REASON = "rtask: the server running this task ended unexpectedly; its process group was stopped at restart"
+NEVER_STARTED_REASON = "rtask: never started: the server ended while the run waited for a slot"
+
+
+class StateStore:
+    """The durable record of runs, shared by every process serving one state directory.
+
+    - One SQLite database, ``<state dir>/state.db`` (WAL, synchronous=NORMAL: a committed row
+      survives a kill -9 of any process; only an OS crash may lose the last commits).
+    - A run's row is written when it waits in line (async runs), when its process has been
+      spawned (with the process group and that process's start time, for crash recovery),
+      and when it ends (status, exit code, output). The end is written before any waiter is
+      woken, so whoever gets an answer and asks again, on any worker, finds the result.
+    - Ended rows are kept until ``expires_at`` (wall clock: asyncResultRetentionSeconds after
+      the end) and at most MAX_RESULTS_KEPT per task, oldest ended first; readers never see an
+      expired row, and the purge runs on writes at most every PURGE_INTERVAL seconds.
+    - ``open_exclusive`` is for the one process that owns the directory (the server, or the
+      supervisor of its workers): it holds ``<state dir>/lock`` for its lifetime, so a second
+      server on the same directory is refused, and it stops what a crashed predecessor left.
+    One connection per process behind a lock: SQLite serialises writers anyway, and a
+    connection per handler thread would cost an open per connection (measured in bench/)."""
+
+    PURGE_INTERVAL = 0.5
+    _COLUMNS = ("id", "task", "caller", "client", "status", "exit_code", "created_at", "started_at",
+                "finished_at", "duration", "stdout", "stderr", "stdout_truncated", "stderr_truncated",
+                "owner", "pgid", "proc_start", "retention", "expires_at")
+    _SCHEMA = """
+        CREATE TABLE IF NOT EXISTS runs (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- admission order (FIFO of the queues)
+            id TEXT NOT NULL UNIQUE, task TEXT NOT NULL, caller TEXT NOT NULL, client TEXT NOT NULL,
+            status TEXT NOT NULL, exit_code INTEGER NOT NULL,
+            created_at REAL NOT NULL, started_at REAL, finished_at REAL, duration REAL NOT NULL,
+            stdout BLOB, stderr BLOB, stdout_truncated INTEGER NOT NULL, stderr_truncated INTEGER NOT NULL,
+            owner INTEGER NOT NULL,  -- pid of the process that runs it
+            pgid INTEGER, proc_start INTEGER,  -- its process group, and the leader's start time
+            retention REAL NOT NULL,  -- seconds the result is kept after the end
+            expires_at REAL  -- NULL while queued or running
+        );
+        CREATE INDEX IF NOT EXISTS runs_by_task ON runs (task, created_at);
+        CREATE INDEX IF NOT EXISTS runs_live ON runs (owner) WHERE expires_at IS NULL;
+    """
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self._lock_fd: int | None = None
+        self._lock = threading.Lock()
+        self._next_purge = 0.0
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            self._db = sqlite3.connect(os.path.join(directory, "state.db"), timeout=10.0,
+                                       isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(self._SCHEMA)
+        except (OSError, sqlite3.Error) as e:
+            raise ConfigError(f"cannot use the state directory {directory}: "
+                              f"{getattr(e, 'strerror', None) or e}") from None
+
+    @classmethod
+    def open_exclusive(cls, directory: str) -> StateStore:
+        """The store of the process that owns ``directory``: locked, and recovered."""
+        store = cls(directory)
+        fd = os.open(os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"the state directory {directory} is in use by another rtask server; "
+                              "stop it or give this one its own --state-dir") from None
+        store._lock_fd = fd
+        store.recover_crashed(None, CRASH_REASON)
+        return store
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def save(self, run: Run):
+        """Record a run that waits or runs (its row is created or updated in place)."""
+        self._upsert(run, None)
+
+    def finish(self, run: Run, retention: float):
+        """Record a run's end with its output; it is readable until ``retention`` has passed."""
+        self._upsert(run, run.finished_at + retention, retention)
+        if time.monotonic() >= self._next_purge:
+            self._purge()
+
+    def _upsert(self, run: Run, expires_at: float | None, retention: float | None = None):
+        """One statement per write. The row is taken from the run under the lock, so of two
+        threads saving one run the later write holds the later state; an ended row is final."""
+        ended = expires_at is not None
+        updates = ", ".join(f"{c} = excluded.{c}" for c in self._COLUMNS[1:])
+        with self._lock:
+            row = (run.id, run.task.name, run.caller.name, run.client, run.status if ended else run.shown_status(),
+                   run.exit_code if ended else -1, run.created_at, run.started_at,
+                   run.finished_at if ended else None, run.duration,
+                   bytes(run.stdout.data) if ended else None, bytes(run.stderr.data) if ended else None,
+                   run.stdout.truncated, run.stderr.truncated, run.owner, run.pgid, run.proc_start,
+                   run.task.retention_seconds if retention is None else retention, expires_at)
+            self._db.execute(f"INSERT INTO runs ({', '.join(self._COLUMNS)}) VALUES ({', '.join('?' * len(row))}) "
+                             f"ON CONFLICT (id) DO UPDATE SET {updates} WHERE runs.expires_at IS NULL", row)
+
+    def _purge(self):
+        now = time.time()
+        with self._lock:
+            self._next_purge = time.monotonic() + self.PURGE_INTERVAL
+            self._db.execute("DELETE FROM runs WHERE expires_at <= ?", (now,))
+            crowded = self._db.execute("SELECT task FROM runs WHERE expires_at IS NOT NULL GROUP BY task "
+                                       "HAVING count(*) > ?", (MAX_RESULTS_KEPT,)).fetchall()
+            for (task,) in crowded:
+                self._db.execute("DELETE FROM runs WHERE task = ? AND expires_at IS NOT NULL AND seq NOT IN "
+                                 "(SELECT seq FROM runs WHERE task = ? AND expires_at IS NOT NULL "
+                                 "ORDER BY finished_at DESC LIMIT ?)", (task, task, MAX_RESULTS_KEPT))
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def load(self, task: TaskSpec, run_id: str) -> Run | None:
+        """A kept run of ``task`` (output included), as a Run; None if unknown or expired."""
+        with self._lock:
+            row = self._db.execute(f"SELECT {', '.join(self._COLUMNS)} FROM runs WHERE id = ? AND task = ? "
+                                   "AND (expires_at IS NULL OR expires_at > ?)",
+                                   (run_id, task.name, time.time())).fetchone()
+        return row and self._as_run(task, dict(zip(self._COLUMNS, row)))
+
+    def newest_first(self, task: TaskSpec) -> list[Run]:
+        """The kept runs of ``task`` without their output, newest first."""
+        columns = [c for c in self._COLUMNS if c not in ("stdout", "stderr")]
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(columns)} FROM runs WHERE task = ? AND "
+                                    "(expires_at IS NULL OR expires_at > ?) ORDER BY created_at DESC LIMIT ?",
+                                    (task.name, time.time(), MAX_RESULTS_KEPT + MAX_RUNS_IN_FLIGHT)).fetchall()
+        return [self._as_run(task, dict(zip(columns, row))) for row in rows]
+
+    def ended_count(self, task_name: str) -> int:
+        with self._lock:
+            return self._db.execute("SELECT count(*) FROM runs WHERE task = ? AND expires_at > ?",
+                                    (task_name, time.time())).fetchone()[0]
+
+    @staticmethod
+    def _as_run(task: TaskSpec, row: dict) -> Run:
+        """A Run object for a row, so that every handler reads stored and live runs alike. A row
+        still going (another process's run) stays unpublished: it shows as queued or running."""
+        run = Run(task, Caller(row["caller"], "stored"), row["client"])
+        run.id, run.created_at, run.started_at = row["id"], row["created_at"], row["started_at"]
+        run.status, run.exit_code, run.duration = row["status"], row["exit_code"], row["duration"]
+        run.pgid, run.proc_start, run.owner = row["pgid"], row["proc_start"], row["owner"]
+        for name in ("stdout", "stderr"):
+            getattr(run, name).data[:] = row.get(name) or b""
+            getattr(run, name).truncated = bool(row[name + "_truncated"])
+        if row["expires_at"] is not None:
+            run.finished_at = row["finished_at"]
+            run.done.set()
+        return run
+
+    # -- crash recovery ----------------------------------------------------------------------
+
+    def recover_crashed(self, owner: int | None, reason: str) -> int:
+        """End the runs left going by a process that died (``owner``; None: every one, at start):
+        stop their process groups (TERM, then KILL after KILL_GRACE_SECONDS) where they are
+        still the same processes, and record them as ``failure`` (exit_code -1) with ``reason``
+        in stderr; a run that never started gets the never-started reason. Returns the count."""
+        where, params = ("expires_at IS NULL", ()) if owner is None else \
+            ("expires_at IS NULL AND owner = ?", (owner,))
+        with self._lock:
+            rows = self._db.execute(f"SELECT id, pgid, proc_start, started_at, retention FROM runs WHERE {where}",
+                                    params).fetchall()
+        groups = [pgid for _, pgid, start, _, _ in rows if pgid and _same_process_group(pgid, start)]
+        stop_process_groups(groups)
+        now = time.time()
+        with self._lock:
+            for run_id, pgid, _, started_at, retention in rows:
+                message = (reason if started_at is not None else NEVER_STARTED_REASON).encode()
+                self._db.execute("UPDATE runs SET status = 'failure', exit_code = -1, finished_at = ?, "
+                                 "duration = ?, stderr = ?, expires_at = ? WHERE id = ?",
+                                 (now, now - started_at if started_at else 0.0, message, now + retention, run_id))
+        if rows:
+            log.warning("runs of an ended server process recorded as failed", extra={"fields": {
+                "runs": len(rows), "groups_stopped": len(groups), "state_dir": self.directory}})
+        return len(rows)
+
+
+def process_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (starttime, in clock ticks after boot), or None when
+    there is no such process. The command name (field 2) may hold spaces and parentheses, so
+    fields are counted after its closing one."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return int(text[text.rindex(b")") + 2:].split()[19])
+
+
+def _same_process_group(pgid: int, proc_start: int | None) -> bool:
+    """Is group ``pgid`` still the one a run started? Its leader (pid == pgid) must have the
+    recorded start time. If the leader is gone, the id cannot have been reused: Linux never
+    gives a pid that is still some group's id to a new process, so members left in a group
+    with that id are the run's own (grandchildren that outlived it)."""
+    start = process_start_time(pgid)
+    return start is None or start == proc_start
+
+
+def stop_process_groups(groups: list[int]):
+    """SIGTERM each group, then SIGKILL those with members left after KILL_GRACE_SECONDS
+    (the same grace as a timeout: a task gets time to clean up)."""
+    for pgid in groups:
+        _killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + KILL_GRACE_SECONDS
+    while groups and time.monotonic() < deadline:
+        groups = [g for g in groups if _group_exists(g)]
+        time.sleep(0.05)
+    for pgid in groups:
+        _killpg(pgid, signal.SIGKILL)
+
+
+def _group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 class RunStore:
-    """The runs of one task: running ones, and finished ones for their retention time.
+    """The runs of one task: live ones (queued or running here) in memory, with their output
+    buffers and waiters; every run also in the StateStore, where ended ones are read from.
 
-    Finished runs expire in the order they finished (the retention is per task), so a deque of
-    expiry times makes purging O(1) per run. At most MAX_RESULTS_KEPT finished runs are kept."""
+    The retention is per task and applies to runs that end from now on."""
 
-    def __init__(self, retention: float):
+    def __init__(self, retention: float, store: StateStore):
         self.retention = retention
-        self._runs: dict[str, Run] = {}
-        self._expiry: collections.deque = collections.deque()  # (monotonic expiry, run id)
+        self.store = store
+        self._live: dict[str, Run] = {}
         self._lock = threading.Lock()
 
     def add(self, run: Run):
         with self._lock:
-            self._runs[run.id] = run
+            self._live[run.id] = run
+
+    def queued(self, run: Run):
+        """A run waits in line: recorded, so that it is listed and found everywhere."""
+        self.store.save(run)
 
     def discard(self, run: Run):
         with self._lock:
-            self._runs.pop(run.id, None)
+            self._live.pop(run.id, None)
 
     def finished(self, run: Run):
+        self.store.finish(run, self.retention)
         with self._lock:
-            self._expiry.append((time.monotonic() + self.retention, run.id))
-            self._purge()
+            self._live.pop(run.id, None)
 
-    def get(self, run_id: str) -> Run | None:
+    def get(self, task: TaskSpec, run_id: str) -> Run | None:
         with self._lock:
-            self._purge()
-            return self._runs.get(run_id)
+            run = self._live.get(run_id)
+        return run or self.store.load(task, run_id)
 
-    def _purge(self):
-        now = time.monotonic()
-        while self._expiry and (self._expiry[0][0] <= now or len(self._expiry) > MAX_RESULTS_KEPT):
-            _, run_id = self._expiry.popleft()
-            self._runs.pop(run_id, None)
-
-    def finished_count(self) -> int:
+    def live(self) -> list[Run]:
         with self._lock:
-            self._purge()
-            return len(self._expiry)
+            return list(self._live.values())
 
-    def newest_first(self) -> list[Run]:
+    def finished_count(self, task_name: str) -> int:
+        return self.store.ended_count(task_name)
+
+    def newest_first(self, task: TaskSpec) -> list[Run]:
         with self._lock:
-            self._purge()
-            return sorted(self._runs.values(), key=lambda r: r.created_at, reverse=True)
+            live = dict(self._live)
+        runs = {run.id: live.get(run.id, run) for run in self.store.newest_first(task)}
+        runs.update(live)
+        return sorted(runs.values(), key=lambda r: r.created_at, reverse=True)
 
 
 # =============================================================================================
@@ -2005,11 +2235,11 @@ class Headers:
 class TaskState:
     """The live state of a configured task: its limits and its kept runs."""
 
-    def __init__(self, task: TaskSpec):
+    def __init__(self, task: TaskSpec, store: StateStore):
         self.task = task
         self.rate = RateLimiter(task.rate_limit)
         self.slots = ConcurrencyLimit(task.max_concurrent, task.queue_size)
-        self.runs = RunStore(task.retention_seconds)
+        self.runs = RunStore(task.retention_seconds, store)
 
     def reconfigure(self, task: TaskSpec) -> TaskState:
         """Take a reloaded spec; kept runs, running executions and held slots stay."""
@@ -2024,15 +2254,16 @@ class TaskState:
 class App:
     """Everything a request handler needs: config, credentials, task states, executor."""
 
-    def __init__(self, config: Config, keyring: KeyRing, metrics: Metrics):
+    def __init__(self, config: Config, keyring: KeyRing, metrics: Metrics, store: StateStore):
         self.config = config
+        self.store = store
         self.keyring = keyring
         self.metrics = metrics
         self.auth = Authenticator(config, keyring, metrics)
-        self.tasks = {name: TaskState(task) for name, task in config.tasks.items()}
+        self.tasks = {name: TaskState(task, store) for name, task in config.tasks.items()}
         self._dropped: dict[str, TaskState] = {}  # states of tasks a reload removed
         self.webhooks = config.webhook_index()
-        self.executor = Executor()
+        self.executor = Executor(on_spawn=store.save)
         self.started = time.monotonic()
         self.starting = self.auth.fetches_keys()  # until prepare_auth has run: /health/ready is 503
         self.draining = False
@@ -2053,7 +2284,7 @@ class App:
         auth = Authenticator(config, self.keyring, self.metrics)
         auth.prepare()
         known = self._dropped | self.tasks
-        tasks = {name: known[name].reconfigure(task) if name in known else TaskState(task)
+        tasks = {name: known[name].reconfigure(task) if name in known else TaskState(task, self.store)
                  for name, task in config.tasks.items()}
         self.metrics.configure(config, tasks)
         # A dropped task's state is kept: its running processes still hold slots and its runs
@@ -2474,7 +2705,7 @@ def authorize(h: RequestHandler, permission: str) -> Caller:
 
 def find_run(state: TaskState, run_id: str) -> Run:
     """An id that is not of the task-id form is simply unknown."""
-    run = state.runs.get(run_id) if TASK_ID_RE.fullmatch(run_id) else None
+    run = state.runs.get(state.task, run_id) if TASK_ID_RE.fullmatch(run_id) else None
     if run is None:
         raise Reject(404, "not_found", "No such run (unknown, or its result has expired).")
     return run
@@ -2578,6 +2809,8 @@ def start_when_admitted(state: TaskState, run: Run, start):
             raise too_many_running(run.task)
         if admission == "now":
             start()
+        else:
+            state.runs.queued(run)
     else:
         wait_in_line(state, run, start)
 
@@ -2660,7 +2893,7 @@ def list_runs(h: RequestHandler, name: str):
     """GET /tasks/<name>: the task's kept runs, newest first."""
     state = task_state(h, name)
     authorize(h, f"tasks:list:{name}")
-    h.send_json(200, {"task": name, "runs": [run.summary() for run in state.runs.newest_first()]})
+    h.send_json(200, {"task": name, "runs": [run.summary() for run in state.runs.newest_first(state.task)]})
 
 
 def get_health(h: RequestHandler):
@@ -2681,7 +2914,7 @@ def get_ready(h: RequestHandler):
 def get_health_detailed(h: RequestHandler):
     tasks = {}
     for name, state in h.app.tasks.items():
-        kept = state.runs.finished_count()
+        kept = state.runs.finished_count(name)
         tasks[name] = {"running": state.slots.running, "queued": state.slots.queued, "results_kept": kept}
     status = "draining" if h.app.draining else "starting" if h.app.starting else "healthy"
     h.send_json(200, {"status": status, "version": __version__,
@@ -3109,7 +3342,8 @@ def cmd_run(args) -> int:
     tls = tls_context(args.tls_cert, args.tls_key)
     trusted_proxies = parse_networks(args.trusted_proxy, "--trusted-proxy")
     metrics = Metrics()
-    app = App(config, KeyRing(args.api_keys_file, keys), metrics)
+    store = StateStore.open_exclusive(state_directory(args))
+    app = App(config, KeyRing(args.api_keys_file, keys), metrics, store)
     server = listen(args.api_address, lambda: make_server(api, app, tls, trusted_proxies))
     metrics_port = listen(args.metrics_address,
                           lambda: start_metrics_server(*metrics_address, metrics, args.tls_cert, args.tls_key))
@@ -3140,6 +3374,11 @@ def cmd_run(args) -> int:
             else:
                 drain(server, app)
                 return 0
+
+
+def state_directory(args) -> str:
+    """--state-dir, by default ``rtask-state`` next to the config file."""
+    return args.state_dir or os.path.join(os.path.dirname(os.path.abspath(args.config)), "rtask-state")
 
 
 def listen(address: str, start):
@@ -3192,7 +3431,7 @@ def drain(server: Server, app: App):
     server.shutdown()
     server.server_close()
     for state in app.tasks.values():
-        for run in state.runs.newest_first():
+        for run in state.runs.live():
             app.cancel_queued(state, run)
     longest = max((t.timeout_seconds + t.queue_timeout_seconds for t in app.config.tasks.values()), default=0)
     deadline = time.monotonic() + longest + KILL_GRACE_SECONDS + 1
@@ -3574,6 +3813,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tls-key", help="PEM private key of --tls-cert")
     run.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS",
                      help="a proxy (IP or network) whose X-Forwarded-For names the client in logs; repeatable")
+    run.add_argument("--state-dir", metavar="PATH",
+                     help="kept results and crash-recovery records (default: rtask-state next to the config)")
     command("add-key", cmd_add_key, "create a key and print it once").add_argument("name")
     command("list-keys", cmd_list_keys, "list key names and ids (never secrets)")
     command("remove-key", cmd_remove_key, "revoke a key").add_argument("name")

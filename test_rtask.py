@@ -7069,3 +7069,117 @@ def test_metrics_listener_bounds_its_connections_and_drops_silent_ones(start_ser
             s.close()
     assert "python_info" in server.metrics()  # scrapes work again
     wait_for(lambda: _rs_proc_status(pid)["Threads"] <= threads_before + 2, timeout=5)
+
+
+# =============================================================================================
+# Workers and the durable state (SPEC §14): results across restarts, crash recovery
+# =============================================================================================
+
+_WK_CONFIG = """
+[tasks.echo]
+command = ["/bin/echo", "hi"]
+apiKeyNames = ["ci"]
+
+[tasks.later]
+command = ["/bin/sh", "-c", "echo started; exec sleep 60"]
+apiKeyNames = ["ci"]
+async = true
+asyncResultRetentionSeconds = 300
+"""
+
+
+@pytest.fixture
+def wk_start(tmp_path):
+    """wk_start(config_text=None, run_args=(), keys=("ci",)) → (server, tokens): like
+    start_server, with options after ``run`` (--workers, --state-dir); may be called again in
+    one test (a restart on the same directory) and stops every server it started."""
+    servers, tokens = [], {}
+
+    def start(config_text=None, run_args=(), keys=("ci",)):
+        if config_text is not None:
+            (tmp_path / "config.toml").write_text(textwrap.dedent(config_text))
+        for name in keys:
+            if name not in tokens:
+                tokens[name] = new_key(tmp_path, name)
+        server = _IgServer(tmp_path, run_args=run_args)
+        servers.append(server)
+        return server, tokens
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def _wk_group_alive(pgid: int) -> bool:
+    """Any process (not a zombie) left in process group ``pgid``?"""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                text = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = text[text.rindex(")") + 2:].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+    return False
+
+
+def _wk_pgid_of_run(run_id) -> int:
+    """The process group of a run, found through its environment (RTASK_TASK_ID)."""
+    def find():
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    environ = Path(f"/proc/{entry}/environ").read_bytes()
+                except OSError:
+                    continue
+                if f"RTASK_TASK_ID={run_id}".encode() in environ.split(b"\0"):
+                    return os.getpgid(int(entry))
+        return None
+    return wait_for(find, timeout=10)
+
+
+def test_results_and_listing_survive_a_restart(wk_start, tmp_path):
+    """A finished result stays readable and listed after SIGTERM and a new start on the same
+    state directory (default: rtask-state next to config.toml, mode 0700)."""
+    server, tokens = wk_start(_WK_CONFIG)
+    key = tokens["ci"]
+    first = server.post("echo", key=key).json
+    assert first["status"] == "success"
+    assert server.stop() == 0
+    server, _ = wk_start()
+    again = server.get(f"/tasks/echo/{first['task_id']}", key=key)
+    assert again.status == 200 and again.json == first
+    listed = server.get("/tasks/echo", key=key).json["runs"]
+    assert [r["task_id"] for r in listed] == [first["task_id"]]
+    assert server.get(f"/tasks/echo/{first['task_id']}/events", key=key,
+                      headers={"Accept": "text/event-stream"}).body.count(b"event: result") == 1
+    assert stat.S_IMODE((tmp_path / "rtask-state").stat().st_mode) == 0o700
+
+
+def test_a_second_server_on_the_same_state_dir_is_refused(wk_start, tmp_path):
+    server, _ = wk_start(_WK_CONFIG)
+    out = rtask_cli("run", "--api-address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0",
+                    cwd=tmp_path, timeout=30)
+    assert out.returncode == 1
+    assert "in use by another rtask server" in out.stderr and str(tmp_path / "rtask-state") in out.stderr
+    assert "Traceback" not in out.stderr
+    assert server.proc.poll() is None  # the first one serves on
+
+
+def test_a_killed_server_leaves_no_run_unsupervised(wk_start, tmp_path):
+    """kill -9 of the server: the next server on the state directory stops the run's process
+    group (TERM, then KILL) and records the run as failure with the reason in stderr."""
+    server, tokens = wk_start(_WK_CONFIG, run_args=("--state-dir", str(tmp_path / "st")))
+    key = tokens["ci"]
+    run_id = server.post("later", key=key).json["task_id"]
+    pgid = _wk_pgid_of_run(run_id)
+    server.proc.kill()
+    server.proc.wait()
+    assert _wk_group_alive(pgid)  # nothing stopped it yet
+    server, _ = wk_start(run_args=("--state-dir", str(tmp_path / "st")))
+    wait_for(lambda: not _wk_group_alive(pgid), timeout=10)
+    result = server.get(f"/tasks/later/{run_id}", key=key).json
+    assert (result["status"], result["exit_code"]) == ("failure", -1)
+    assert "ended unexpectedly" in result["stderr"]
+    assert "recorded as failed" in server.log()
