@@ -3054,14 +3054,14 @@ class Server(ThreadingHTTPServer):
     block_on_close = False
     request_queue_size = 128
 
-    def __init__(self, address, handler, app: App, tls=None, trusted_proxies=()):
+    def __init__(self, address, handler, app: App, tls=None, trusted_proxies=(), bind_and_activate=True):
         self.app = app
         self.tls = tls  # ssl.SSLContext; the handshake happens in the connection's own thread
         self.trusted_proxies = trusted_proxies  # ipaddress networks whose X-Forwarded-For counts
         self.watchdog = ReadWatchdog()
         self.connections = 0
         self._conn_lock = threading.Lock()
-        super().__init__(address, handler)
+        super().__init__(address, handler, bind_and_activate)
 
     def process_request(self, request, client_address):
         with self._conn_lock:
@@ -3102,9 +3102,196 @@ def _refuse_connection(sock):
         sock.close()
 
 
-def make_server(address: tuple[str, int], app: App, tls=None, trusted_proxies=()) -> Server:
+def make_server(address: tuple[str, int], app: App, tls=None, trusted_proxies=(), sock=None) -> Server:
+    """The API server, bound to ``address``, or serving ``sock`` (a worker's inherited
+    listener, shared with the other workers: non-blocking, so that a worker that loses the
+    race for a connection returns to its loop instead of blocking in accept)."""
     handler = type("BoundRequestHandler", (RequestHandler,), {"app": app})
-    return Server(address, handler, app, tls, trusted_proxies)
+    if sock is None:
+        return Server(address, handler, app, tls, trusted_proxies)
+    server = Server(address, handler, app, tls, trusted_proxies, bind_and_activate=False)
+    server.socket.close()
+    sock.setblocking(False)
+    server.socket, server.server_address = sock, sock.getsockname()
+    return server
+
+
+# =============================================================================================
+# Workers (supervisor, shared counters)
+# =============================================================================================
+
+MAX_WORKERS = 256
+QUICK_DEATH_SECONDS = 5.0  # a worker dying sooner than this after its start died "at start-up"
+MAX_QUICK_DEATHS = 5  # that many in a row: the supervisor gives up (exit 1) instead of looping
+SUPERVISOR_CHECK_SECONDS = 0.5  # how often a worker checks that its supervisor still lives
+
+
+def parse_workers(text: str) -> int:
+    """--workers: a count, or ``auto`` (the CPUs this process may run on)."""
+    if text == "auto":
+        return len(os.sched_getaffinity(0))
+    if text.isdigit() and 1 <= int(text) <= MAX_WORKERS:
+        return int(text)
+    raise ConfigError(f"--workers {text!r} must be a number from 1 to {MAX_WORKERS}, or auto")
+
+
+def bind_listener(address: tuple[str, int]) -> socket.socket:
+    """The API's listening socket, made as the single-process Server makes its own."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(Server.request_queue_size)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class Supervisor:
+    """``run --workers N`` (N > 1): one supervising process and N worker processes that serve
+    the API on the listening socket the supervisor bound and passed on.
+
+    - Start-up fails as the single server's does: signal handlers first, then config and keys
+      validated, the state directory taken (lock, crash recovery), the listeners bound; only
+      then are workers started, each re-executing rtask.py (``_worker``): never a fork of this
+      process, whose threads (metrics) a fork would copy in an unknown state.
+    - SIGHUP: the config is validated here, then the signal goes to every worker (each
+      reloads config and keys); an invalid config is logged and not passed on.
+    - SIGTERM/SIGINT: every worker gets SIGTERM, drains, and exits; then the supervisor exits 0.
+    - A worker that dies unexpectedly is logged, its runs' process groups are stopped (if still
+      the same processes) and those runs recorded as ``failure`` with the reason, and a new
+      worker takes its place. After MAX_QUICK_DEATHS deaths in a row at start-up, exit 1.
+    - Workers watch this process (``watch_supervisor``): a kill -9 of the supervisor leaves
+      no worker and no run behind, and frees the port."""
+
+    def __init__(self, args, count: int):
+        self.args, self.count = args, count
+        self.workers: dict[int, tuple] = {}  # pid → (Popen, monotonic start)
+        self.quick_deaths = 0
+        self.listener: socket.socket | None = None
+        self.store: StateStore | None = None
+
+    def run(self) -> int:
+        signals: collections.deque = collections.deque()
+        wake = threading.Event()
+
+        def on_signal(signum, frame):
+            signals.append(signum)
+            wake.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, on_signal)
+        config, keys = self._validated_config()
+        args = self.args
+        api = parse_address(args.api_address, "--api-address")
+        metrics_address = parse_address(args.metrics_address, "--metrics-address")
+        tls = tls_context(args.tls_cert, args.tls_key)
+        parse_networks(args.trusted_proxy, "--trusted-proxy")
+        self.store = StateStore.open_exclusive(state_directory(args))
+        self.listener = listen(args.api_address, lambda: bind_listener(api))
+        metrics_port = listen(args.metrics_address, lambda: start_metrics_server(
+            *metrics_address, Metrics(), args.tls_cert, args.tls_key))
+        log.info("rtask listening", extra={"fields": {
+            "api": f"{'https' if tls else 'http'}://{api[0]}:{self.listener.getsockname()[1]}",
+            "metrics": f"{metrics_address[0]}:{metrics_port}", "tasks": len(config.tasks), "keys": len(keys),
+            "workers": self.count}})
+        for _ in range(self.count):
+            self._start_worker()
+        while True:
+            wake.wait(0.25)
+            wake.clear()
+            while signals:
+                if signals.popleft() == signal.SIGHUP:
+                    self._reload()
+                else:
+                    return self._stop()
+            if not self._replace_dead_workers():
+                self._stop()
+                return 1
+
+    def _validated_config(self):
+        config, keys, problems = load_everything(self.args)
+        for warning in problems.warnings:
+            log.warning(warning)
+        problems.raise_if_errors()
+        return config, keys
+
+    def _start_worker(self):
+        import subprocess
+        args = self.args
+        argv = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--api-keys-file",
+                args.api_keys_file, "--log-format", args.log_format, "_worker", "--listen-fd",
+                str(self.listener.fileno()), "--state-dir", self.store.directory,
+                "--api-address", args.api_address, "--metrics-address", args.metrics_address]
+        if args.tls_cert:
+            argv += ["--tls-cert", args.tls_cert, "--tls-key", args.tls_key]
+        for proxy in args.trusted_proxy:
+            argv += ["--trusted-proxy", proxy]
+        proc = subprocess.Popen(argv, pass_fds=[self.listener.fileno()], env=self._worker_environment())
+        self.workers[proc.pid] = (proc, time.monotonic())
+
+    def _worker_environment(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def _replace_dead_workers(self) -> bool:
+        """Restart each worker that died; False when workers keep dying at start-up."""
+        for pid, (proc, started) in list(self.workers.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del self.workers[pid]
+            how = f"signal {-code}" if code < 0 else f"exit status {code}"
+            log.error("worker died; starting another", extra={"fields": {"pid": pid, "how": how}})
+            self.worker_ended(pid, f"rtask: the worker process running this task died ({how})")
+            quick = time.monotonic() - started < QUICK_DEATH_SECONDS
+            self.quick_deaths = self.quick_deaths + 1 if quick else 0
+            if self.quick_deaths >= MAX_QUICK_DEATHS:
+                log.error("workers keep dying at start-up; giving up", extra={"fields": {"deaths": self.quick_deaths}})
+                return False
+            if quick:
+                time.sleep(min(0.2 * 2 ** self.quick_deaths, 5.0))  # back off a crash loop
+            self._start_worker()
+        return True
+
+    def worker_ended(self, pid: int, reason: str):
+        """Everything a dead worker held: its runs (groups stopped, recorded as failed)."""
+        self.store.recover_crashed(pid, reason)
+
+    def _reload(self):
+        log.info("SIGHUP: validating the configuration before passing it on to the workers")
+        try:
+            self._validated_config()
+        except ConfigError as e:
+            log.error("reload failed; the previous configuration stays in force", extra={"fields": {"problem": str(e)}})
+            return
+        for proc, _ in self.workers.values():
+            proc.send_signal(signal.SIGHUP)
+
+    def _stop(self) -> int:
+        """SIGTERM every worker and wait until all have drained and exited."""
+        log.info("shutting down: the workers finish their running tasks")
+        self.listener.close()  # the workers' copies close as each one starts draining
+        for proc, _ in self.workers.values():
+            proc.send_signal(signal.SIGTERM)
+        for pid, (proc, _) in self.workers.items():
+            if proc.wait() != 0:
+                self.worker_ended(pid, "rtask: the worker process running this task did not drain cleanly")
+        log.info("stopped")
+        return 0
+
+
+def watch_supervisor(supervisor: int, state_dir: str):
+    """A worker's guard against becoming an orphan: once its supervisor is gone (kill -9),
+    stop this worker's runs (their groups, recorded as failed) and exit, so that nothing runs
+    unsupervised and the listening port is freed."""
+    def watch():
+        while os.getppid() == supervisor:
+            time.sleep(SUPERVISOR_CHECK_SECONDS)
+        StateStore(state_dir).recover_crashed(
+            os.getpid(), "rtask: the supervisor of the worker running this task died")
+        os._exit(1)
+    threading.Thread(target=watch, name="rtask-supervisor-watch", daemon=True).start()
 
 
 # =============================================================================================
@@ -3333,6 +3520,21 @@ def load_everything(args) -> tuple[Config, dict[str, StoredKey], Problems]:
 
 
 def cmd_run(args) -> int:
+    workers = parse_workers(args.workers)
+    if workers > 1:
+        return Supervisor(args, workers).run()
+    return serve(args)
+
+
+def cmd_worker(args) -> int:
+    """The hidden ``_worker`` command: one of the supervisor's workers (see Supervisor)."""
+    watch_supervisor(os.getppid(), state_directory(args))
+    return serve(args, socket.socket(fileno=args.listen_fd))
+
+
+def serve(args, sock=None) -> int:
+    """Serve the API until SIGTERM/SIGINT: alone (binding the listener, serving metrics,
+    owning the state directory), or as a worker on the supervisor's listener ``sock``."""
     config, keys, problems = load_everything(args)
     for warning in problems.warnings:
         log.warning(warning)
@@ -3342,11 +3544,12 @@ def cmd_run(args) -> int:
     tls = tls_context(args.tls_cert, args.tls_key)
     trusted_proxies = parse_networks(args.trusted_proxy, "--trusted-proxy")
     metrics = Metrics()
-    store = StateStore.open_exclusive(state_directory(args))
+    store = StateStore(state_directory(args)) if sock else StateStore.open_exclusive(state_directory(args))
     app = App(config, KeyRing(args.api_keys_file, keys), metrics, store)
-    server = listen(args.api_address, lambda: make_server(api, app, tls, trusted_proxies))
-    metrics_port = listen(args.metrics_address,
-                          lambda: start_metrics_server(*metrics_address, metrics, args.tls_cert, args.tls_key))
+    server = listen(args.api_address, lambda: make_server(api, app, tls, trusted_proxies, sock))
+    if sock is None:
+        metrics_port = listen(args.metrics_address,
+                              lambda: start_metrics_server(*metrics_address, metrics, args.tls_cert, args.tls_key))
     signals: collections.deque = collections.deque()
     wake = threading.Event()
 
@@ -3358,9 +3561,12 @@ def cmd_run(args) -> int:
         signal.signal(sig, on_signal)
     gc.freeze()  # start-up objects never become garbage; keep them out of every collection
     threading.Thread(target=server.serve_forever, name="rtask-accept", daemon=True).start()
-    log.info("rtask listening", extra={"fields": {
-        "api": f"{'https' if tls else 'http'}://{api[0]}:{server.server_address[1]}",
-        "metrics": f"{metrics_address[0]}:{metrics_port}", "tasks": len(config.tasks), "keys": len(keys)}})
+    if sock is None:
+        log.info("rtask listening", extra={"fields": {
+            "api": f"{'https' if tls else 'http'}://{api[0]}:{server.server_address[1]}",
+            "metrics": f"{metrics_address[0]}:{metrics_port}", "tasks": len(config.tasks), "keys": len(keys)}})
+    else:
+        log.debug("worker serving", extra={"fields": {"pid": os.getpid()}})
     if app.starting:
         threading.Thread(target=app.prepare_auth, name="rtask-prepare", daemon=True).start()
     while True:
@@ -3815,6 +4021,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a proxy (IP or network) whose X-Forwarded-For names the client in logs; repeatable")
     run.add_argument("--state-dir", metavar="PATH",
                      help="kept results and crash-recovery records (default: rtask-state next to the config)")
+    run.add_argument("--workers", default="1", metavar="N|auto",
+                     help="API processes sharing the listener (default 1; auto: one per usable CPU)")
+    worker = sub.add_parser("_worker")  # no help: hidden; started by the supervisor (see Supervisor)
+    add_globals(worker, lambda d: argparse.SUPPRESS)
+    worker.set_defaults(func=cmd_worker)
+    for action in run._actions:  # the worker takes run's own options (as the supervisor got them)
+        if action.dest not in ("help", "config", "api_keys_file", "log_format", "workers"):
+            worker._add_action(action)
+    worker.add_argument("--listen-fd", type=int, required=True)
     command("add-key", cmd_add_key, "create a key and print it once").add_argument("name")
     command("list-keys", cmd_list_keys, "list key names and ids (never secrets)")
     command("remove-key", cmd_remove_key, "revoke a key").add_argument("name")
