@@ -1031,7 +1031,7 @@ class KeyRing:
     stops working on the next check. A file that fails to parse is logged and the previous set
     stays in force."""
 
-    def __init__(self, path: str, keys: dict[str, StoredKey]):
+    def __init__(self, path: str, keys: dict[str, StoredKey], argon2_slots=None):
         self.path = path
         self._by_id = {k.id: k for k in keys.values()}
         self._stamp = self._file_stamp()
@@ -1039,7 +1039,8 @@ class KeyRing:
         self._lock = threading.Lock()
         self._cache: collections.OrderedDict[bytes, tuple[str, float]] = collections.OrderedDict()
         self._cache_secret = secrets.token_bytes(32)  # per process: cache keys are useless elsewhere
-        self._argon2_slots = threading.BoundedSemaphore(ARGON2_MAX_CONCURRENT)
+        # Server-wide in a server (Argon2Slots, across its workers), else in this process.
+        self._argon2_slots = argon2_slots or threading.BoundedSemaphore(ARGON2_MAX_CONCURRENT)
 
     @property
     def names(self) -> set[str]:
@@ -1380,90 +1381,232 @@ def require_permission(caller: Caller, permission: str, metrics: Metrics):
 
 
 class RateLimiter:
-    """Token bucket with a burst of 1: at most ``rate`` requests a second, never two at once.
+    """Token bucket with a burst of 1: at most ``rate`` requests a second, never two at once,
+    counted across every process of the server: the bucket is a row of the StateStore, taken
+    in one write transaction. time.monotonic() is CLOCK_MONOTONIC, one clock for the whole
+    machine, so every process computes the refill alike. A task without a rateLimit touches
+    no lock. A bucket whose rate changed (reload) starts full, as a new limiter did.
 
     A refused request learns when to retry: the ceiling of 1/rate seconds (SPEC §5)."""
 
-    def __init__(self, rate: float):
-        self.rate = rate
+    def __init__(self, task_name: str, rate: float, store: StateStore):
+        self.task_name, self.rate, self.store = task_name, rate, store
         self.retry_after = str(math.ceil(min(1 / rate, MAX_SECONDS))) if rate > 0 else "1"
-        self._tokens = 1.0
-        self._last = time.monotonic()
-        self._lock = threading.Lock()
 
     def allow(self) -> bool:
         if self.rate <= 0:
             return True
-        with self._lock:
+        with self.store.transaction() as db:
             now = time.monotonic()
-            self._tokens = min(1.0, self._tokens + (now - self._last) * self.rate)
-            self._last = now
-            if self._tokens >= 1.0:
-                self._tokens -= 1.0
-                return True
-            return False
+            row = db.execute("SELECT tokens, last, rate FROM buckets WHERE task = ?", (self.task_name,)).fetchone()
+            tokens = 1.0 if row is None or row[2] != self.rate else \
+                min(1.0, row[0] + max(0.0, now - row[1]) * self.rate)  # a reboot resets the clock: no refill
+            allowed = tokens >= 1.0
+            db.execute("INSERT OR REPLACE INTO buckets (task, tokens, last, rate) VALUES (?, ?, ?, ?)",
+                       (self.task_name, tokens - allowed, now, self.rate))
+        return allowed
 
 
 class ConcurrencyLimit:
     """Slots for running executions of one task (0 = unlimited), and a bounded line of
-    requests waiting for one (queueSize). A slot is given back when the process ends, also
-    for async runs; a freed slot goes straight to the first in line, so newcomers cannot
-    overtake the queue."""
+    requests waiting for one (queueSize), counted across every process of the server.
 
-    def __init__(self, limit: int, queue_size: int):
-        self.limit, self.queue_size = limit, queue_size
-        self.running = 0
-        self._waiting: collections.deque = collections.deque()  # on_grant callables, FIFO
-        self._lock = threading.Lock()
+    - A slot is held by a run's row in the StateStore from admission (status ``starting``, or
+      ``granted`` when it came from the line) until the run ends, also for async runs; a run
+      waiting in line is a ``queued`` row, in admission order (seq). Every check and change is
+      one write transaction, so two processes never both take the last slot.
+    - A freed slot goes straight to the first in line (its row becomes ``granted``), so
+      newcomers cannot overtake the queue. The process that waits for it learns it at once
+      when it freed the slot itself, else from its poller (every GRANT_POLL_SECONDS, only while
+      it has runs in line). A dead worker's rows are ended by the supervisor, which frees
+      their slots.
+    - An unlimited task keeps a count in memory only (for /health/detailed): no lock is
+      shared for it."""
+
+    GRANT_POLL_SECONDS = 0.015
+    HOLDING = ("starting", "granted", "running")  # row statuses that hold a slot
+
+    def __init__(self, task_name: str, limit: int, queue_size: int, store: StateStore):
+        self.task_name, self.store = task_name, store
+        self._unlimited_running = 0
+        self._count_lock = threading.Lock()
+        self.set_limits(limit, queue_size)
+
+    @property
+    def running(self) -> int:
+        if not self.limit:
+            return self._unlimited_running
+        return self._count(self.HOLDING)
 
     @property
     def queued(self) -> int:
-        return len(self._waiting)
+        """Runs waiting in line, in every process."""
+        return self._count(("queued",)) if self.limit else 0
+
+    @property
+    def waiting_here(self) -> int:
+        """Runs of this process waiting in line (a drain waits for them)."""
+        return self.store.grants.waiting(self.task_name)
+
+    def _count(self, statuses: tuple) -> int:
+        return self.store.query_one(f"SELECT count(*) FROM runs WHERE task = ? AND expires_at IS NULL AND status "
+                                    f"IN ({', '.join('?' * len(statuses))})", (self.task_name, *statuses))
 
     def has_room(self) -> bool:
         """Could a request start now or wait in line?"""
-        return not self.limit or self.running < self.limit or len(self._waiting) < self.queue_size
+        if not self.limit:
+            return True
+        return self.running < self.limit or self.queued < self.queue_size
 
-    def admit(self, on_grant) -> str:
+    def admit(self, run: Run, on_grant) -> str:
         """Take a free slot ("now"), else a place in line ("queued": ``on_grant()`` is called,
-        holding the slot, when one frees), else "full". One step under the lock: done as two,
-        a slot freed in between would go to nobody while the newcomer waits for it."""
-        with self._lock:
-            if not self.limit or self.running < self.limit:
-                self.running += 1
-                return "now"
-            if len(self._waiting) < self.queue_size:
-                self._waiting.append(on_grant)
-                return "queued"
-            return "full"
+        holding the slot, when one frees), else "full". One transaction: done as two steps, a
+        slot freed in between would go to nobody while the newcomer waits for it."""
+        if not self.limit:
+            with self._count_lock:
+                self._unlimited_running += 1
+            return "now"
+        with self.store.transaction() as db:
+            counts = dict(db.execute("SELECT status, count(*) FROM runs WHERE task = ? AND expires_at IS NULL "
+                                     "GROUP BY status", (self.task_name,)).fetchall())
+            if sum(counts.get(s, 0) for s in self.HOLDING) < self.limit:
+                admission = "now"
+            elif counts.get("queued", 0) < self.queue_size:
+                admission = "queued"
+                self.store.grants.expect(run, on_grant)
+            else:
+                return "full"
+            self.store.insert_run(db, run, "starting" if admission == "now" else "queued")
+        return admission
 
-    def withdraw(self, on_grant) -> bool:
-        """Leave the line; False if the slot was already granted."""
-        with self._lock:
-            try:
-                self._waiting.remove(on_grant)
-                return True
-            except ValueError:
-                return False
+    def withdraw(self, run: Run) -> bool:
+        """Leave the line; False if the slot was already granted (then ``on_grant`` has been
+        called, here if no one had yet)."""
+        with self.store.transaction() as db:
+            left = db.execute("DELETE FROM runs WHERE id = ? AND status = 'queued'", (run.id,)).rowcount
+        on_grant = self.store.grants.forget(run.id)
+        if not left and on_grant:
+            on_grant()
+        return bool(left)
 
     def release(self):
-        with self._lock:
-            if not self._waiting:
-                self.running -= 1
-                return
-            on_grant = self._waiting.popleft()
-        on_grant()
+        """A run of this task has ended (its row says so): hand free slots to the line."""
+        if not self.limit:
+            with self._count_lock:  # (a run admitted before a reload lifted the limit held no count)
+                self._unlimited_running = max(0, self._unlimited_running - 1)
+            return
+        self.promote()
+
+    def promote(self):
+        """Grant free slots to the first in line, in every process (the others' pollers start
+        theirs); this process's own grantees start now."""
+        with self.store.transaction() as db:
+            granted = promote_queued(db, self.task_name, self.limit)
+        self.store.grants.start(granted)
 
     def set_limits(self, limit: int, queue_size: int):
         """New limits (reload); a raised limit admits waiting requests at once."""
+        self.limit, self.queue_size = limit, queue_size
+        with self.store.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO limits (task, max_running) VALUES (?, ?)", (self.task_name, limit))
+        if limit:
+            self.promote()
+
+
+def promote_queued(db, task_name: str, limit: int) -> list[tuple[str, int]]:
+    """Within a transaction: mark the first queued rows ``granted`` while slots are free;
+    returns their (run id, owner pid). A limit of 0 (no longer limited) grants them all."""
+    holding = ", ".join(f"'{s}'" for s in ConcurrencyLimit.HOLDING)
+    running = db.execute(f"SELECT count(*) FROM runs WHERE task = ? AND expires_at IS NULL AND status IN ({holding})",
+                         (task_name,)).fetchone()[0]
+    free = limit - running if limit else -1
+    rows = db.execute("SELECT id, owner FROM runs WHERE task = ? AND status = 'queued' AND expires_at IS NULL "
+                      "ORDER BY seq LIMIT ?", (task_name, free)).fetchall() if free else []
+    db.executemany("UPDATE runs SET status = 'granted' WHERE id = ?", [(run_id,) for run_id, _ in rows])
+    return rows
+
+
+class Grants:
+    """This process's runs waiting in line, and the poller that starts them when another
+    process grants them a slot (it runs only while some are waiting)."""
+
+    def __init__(self, store: StateStore):
+        self.store = store
+        self._waiting: dict[str, tuple[str, object]] = {}  # run id → (task name, on_grant)
+        self._lock = threading.Lock()
+        self._polling = False
+
+    def waiting(self, task_name: str) -> int:
         with self._lock:
-            self.limit, self.queue_size = limit, queue_size
-            admitted = []
-            while self._waiting and (not limit or self.running < limit):
-                admitted.append(self._waiting.popleft())
-                self.running += 1
-        for on_grant in admitted:
-            on_grant()
+            return sum(1 for task, _ in self._waiting.values() if task == task_name)
+
+    def expect(self, run: Run, on_grant):
+        with self._lock:
+            self._waiting[run.id] = (run.task.name, on_grant)
+            if not self._polling:
+                self._polling = True
+                threading.Thread(target=self._poll, name="rtask-grants", daemon=True).start()
+
+    def forget(self, run_id: str):
+        with self._lock:
+            entry = self._waiting.pop(run_id, None)
+        return entry and entry[1]
+
+    def start(self, granted: list[tuple[str, int]]):
+        """Start the runs of ``granted`` that wait here."""
+        for run_id, owner in granted:
+            on_grant = self.forget(run_id) if owner == os.getpid() else None
+            if on_grant:
+                on_grant()
+
+    def _poll(self):
+        while True:
+            time.sleep(ConcurrencyLimit.GRANT_POLL_SECONDS)
+            with self._lock:
+                if not self._waiting:
+                    self._polling = False
+                    return
+                ids = list(self._waiting)
+            try:
+                granted = self.store.query_all(
+                    f"SELECT id, owner FROM runs WHERE status = 'granted' AND id IN ({', '.join('?' * len(ids))})",
+                    ids)
+            except sqlite3.Error as e:  # a busy database: try again on the next round
+                log.warning("cannot read granted slots", extra={"fields": {"problem": str(e)}})
+                continue
+            self.start(granted)
+
+
+class Argon2Slots:
+    """At most ARGON2_MAX_CONCURRENT Argon2 computations at once in the whole server (each
+    takes ARGON2_MEMORY_MIB): slot i is an flock on ``<state dir>/argon2-<i>.lock``, which the
+    kernel releases if the holder dies. Each acquisition opens its own file description, since
+    flock is shared by everything using one. Same interface as a semaphore."""
+
+    POLL_SECONDS = 0.005
+
+    def __init__(self, directory: str):
+        self.paths = [os.path.join(directory, f"argon2-{i}.lock") for i in range(ARGON2_MAX_CONCURRENT)]
+        self._held = threading.local()
+
+    def acquire(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            for path in self.paths:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                self._held.fd = fd
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(self.POLL_SECONDS)
+
+    def release(self):
+        os.close(self._held.fd)  # closing the description drops its lock
 
 
 # =============================================================================================
@@ -1977,14 +2120,19 @@ class StateStore:
             expires_at REAL  -- NULL while queued or running
         );
         CREATE INDEX IF NOT EXISTS runs_by_task ON runs (task, created_at);
-        CREATE INDEX IF NOT EXISTS runs_live ON runs (owner) WHERE expires_at IS NULL;
+        CREATE INDEX IF NOT EXISTS runs_live ON runs (task, status) WHERE expires_at IS NULL;
+        CREATE TABLE IF NOT EXISTS buckets (  -- RateLimiter
+            task TEXT PRIMARY KEY, tokens REAL NOT NULL, last REAL NOT NULL, rate REAL NOT NULL);
+        CREATE TABLE IF NOT EXISTS limits (  -- ConcurrencyLimit: maxConcurrentTasks, for promotions
+            task TEXT PRIMARY KEY, max_running INTEGER NOT NULL);
     """
 
     def __init__(self, directory: str):
         self.directory = directory
         self._lock_fd: int | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered by a run written inside a limiter's transaction
         self._next_purge = 0.0
+        self.grants = Grants(self)
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)
             self._db = sqlite3.connect(os.path.join(directory, "state.db"), timeout=10.0,
@@ -2013,6 +2161,24 @@ class StateStore:
 
     # -- writes ------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def transaction(self):
+        """One write transaction (BEGIN IMMEDIATE: the write lock is taken at once, so what it
+        reads cannot change before it writes), committed at the end, rolled back on error."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def insert_run(self, db, run: Run, status: str):
+        """Within a transaction: a new row for ``run`` with ``status`` (a limiter's admission)."""
+        db.execute(f"INSERT INTO runs ({', '.join(self._COLUMNS)}) VALUES ({', '.join('?' * len(self._COLUMNS))})",
+                   self._row(run, status, None, None))
+
     def save(self, run: Run):
         """Record a run that waits or runs (its row is created or updated in place)."""
         self._upsert(run, None)
@@ -2026,17 +2192,20 @@ class StateStore:
     def _upsert(self, run: Run, expires_at: float | None, retention: float | None = None):
         """One statement per write. The row is taken from the run under the lock, so of two
         threads saving one run the later write holds the later state; an ended row is final."""
-        ended = expires_at is not None
         updates = ", ".join(f"{c} = excluded.{c}" for c in self._COLUMNS[1:])
         with self._lock:
-            row = (run.id, run.task.name, run.caller.name, run.client, run.status if ended else run.shown_status(),
-                   run.exit_code if ended else -1, run.created_at, run.started_at,
-                   run.finished_at if ended else None, run.duration,
-                   bytes(run.stdout.data) if ended else None, bytes(run.stderr.data) if ended else None,
-                   run.stdout.truncated, run.stderr.truncated, run.owner, run.pgid, run.proc_start,
-                   run.task.retention_seconds if retention is None else retention, expires_at)
+            row = self._row(run, run.status if expires_at else run.shown_status(), expires_at, retention)
             self._db.execute(f"INSERT INTO runs ({', '.join(self._COLUMNS)}) VALUES ({', '.join('?' * len(row))}) "
                              f"ON CONFLICT (id) DO UPDATE SET {updates} WHERE runs.expires_at IS NULL", row)
+
+    @staticmethod
+    def _row(run: Run, status: str, expires_at: float | None, retention: float | None) -> tuple:
+        ended = expires_at is not None
+        return (run.id, run.task.name, run.caller.name, run.client, status, run.exit_code if ended else -1,
+                run.created_at, run.started_at, run.finished_at if ended else None, run.duration,
+                bytes(run.stdout.data) if ended else None, bytes(run.stderr.data) if ended else None,
+                run.stdout.truncated, run.stderr.truncated, run.owner, run.pgid, run.proc_start,
+                run.task.retention_seconds if retention is None else retention, expires_at)
 
     def _purge(self):
         now = time.time()
@@ -2051,6 +2220,14 @@ class StateStore:
                                  "ORDER BY finished_at DESC LIMIT ?)", (task, task, MAX_RESULTS_KEPT))
 
     # -- reads -------------------------------------------------------------------------------
+
+    def query_one(self, sql: str, params=()):
+        with self._lock:
+            return self._db.execute(sql, params).fetchone()[0]
+
+    def query_all(self, sql: str, params=()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
 
     def load(self, task: TaskSpec, run_id: str) -> Run | None:
         """A kept run of ``task`` (output included), as a Run; None if unknown or expired."""
@@ -2114,7 +2291,15 @@ class StateStore:
         if rows:
             log.warning("runs of an ended server process recorded as failed", extra={"fields": {
                 "runs": len(rows), "groups_stopped": len(groups), "state_dir": self.directory}})
+            self.promote_all()  # their slots are free now
         return len(rows)
+
+    def promote_all(self):
+        """Hand the free slots of every limited task to its line (see ConcurrencyLimit)."""
+        with self.transaction() as db:
+            granted = [row for task, limit in db.execute("SELECT task, max_running FROM limits").fetchall()
+                       for row in promote_queued(db, task, limit)]
+        self.grants.start(granted)
 
 
 def process_start_time(pid: int) -> int | None:
@@ -2175,10 +2360,6 @@ class RunStore:
         with self._lock:
             self._live[run.id] = run
 
-    def queued(self, run: Run):
-        """A run waits in line: recorded, so that it is listed and found everywhere."""
-        self.store.save(run)
-
     def discard(self, run: Run):
         with self._lock:
             self._live.pop(run.id, None)
@@ -2237,14 +2418,14 @@ class TaskState:
 
     def __init__(self, task: TaskSpec, store: StateStore):
         self.task = task
-        self.rate = RateLimiter(task.rate_limit)
-        self.slots = ConcurrencyLimit(task.max_concurrent, task.queue_size)
+        self.rate = RateLimiter(task.name, task.rate_limit, store)
+        self.slots = ConcurrencyLimit(task.name, task.max_concurrent, task.queue_size, store)
         self.runs = RunStore(task.retention_seconds, store)
 
     def reconfigure(self, task: TaskSpec) -> TaskState:
         """Take a reloaded spec; kept runs, running executions and held slots stay."""
         if task.rate_limit != self.task.rate_limit:
-            self.rate = RateLimiter(task.rate_limit)
+            self.rate = RateLimiter(task.name, task.rate_limit, self.runs.store)
         self.slots.set_limits(task.max_concurrent, task.queue_size)
         self.runs.retention = task.retention_seconds  # applies to runs that end from now on
         self.task = task
@@ -2303,7 +2484,7 @@ class App:
     def busy(self) -> bool:
         """Anything still to finish before the process may exit?"""
         return bool(self.inflight or self.executor.running or self.executor.pending_kills or
-                    any(s.slots.queued for s in self.tasks.values()))
+                    any(s.slots.waiting_here for s in self.tasks.values()))
 
     def launch(self, state: TaskState, run: Run, body: bytes, env: dict[str, str]):
         """Start the run's process; it must hold a concurrency slot, which is given back, its
@@ -2314,7 +2495,7 @@ class App:
 
     def cancel_queued(self, state: TaskState, run: Run) -> bool:
         """Take a run that waits for a slot out of the line; False if it has started."""
-        if run.launch is None or not state.slots.withdraw(run.launch):
+        if run.launch is None or not state.slots.withdraw(run):
             return False
         run.launch = None
         run.finish("cancelled", -1)
@@ -2803,14 +2984,12 @@ def start_when_admitted(state: TaskState, run: Run, start):
     if run.task.is_async:
         run.launch = start
         state.runs.add(run)  # before it can be granted, so that its end finds it stored
-        admission = state.slots.admit(start)
+        admission = state.slots.admit(run, start)
         if admission == "full":
             state.runs.discard(run)
             raise too_many_running(run.task)
         if admission == "now":
             start()
-        else:
-            state.runs.queued(run)
     else:
         wait_in_line(state, run, start)
 
@@ -2818,11 +2997,11 @@ def start_when_admitted(state: TaskState, run: Run, start):
 def wait_in_line(state: TaskState, run: Run, start):
     """A sync request starts now, or waits up to queueTimeoutSeconds for a slot (then 429)."""
     granted = threading.Event()
-    admission = state.slots.admit(granted.set)
+    admission = state.slots.admit(run, granted.set)
     if admission == "full":
         raise too_many_running(state.task)
     if admission == "queued" and not granted.wait(state.task.queue_timeout_seconds) \
-            and state.slots.withdraw(granted.set):
+            and state.slots.withdraw(run):
         raise too_many_running(state.task)
     state.runs.add(run)
     start()
@@ -3545,7 +3724,7 @@ def serve(args, sock=None) -> int:
     trusted_proxies = parse_networks(args.trusted_proxy, "--trusted-proxy")
     metrics = Metrics()
     store = StateStore(state_directory(args)) if sock else StateStore.open_exclusive(state_directory(args))
-    app = App(config, KeyRing(args.api_keys_file, keys), metrics, store)
+    app = App(config, KeyRing(args.api_keys_file, keys, Argon2Slots(store.directory)), metrics, store)
     server = listen(args.api_address, lambda: make_server(api, app, tls, trusted_proxies, sock))
     if sock is None:
         metrics_port = listen(args.metrics_address,
