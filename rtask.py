@@ -3369,8 +3369,10 @@ class Supervisor:
         parse_networks(args.trusted_proxy, "--trusted-proxy")
         self.store = StateStore.open_exclusive(state_directory(args))
         self.listener = listen(args.api_address, lambda: bind_listener(api))
+        self.task_names = list(config.tasks)
+        registry = self._metrics_registry()
         metrics_port = listen(args.metrics_address, lambda: start_metrics_server(
-            *metrics_address, Metrics(), args.tls_cert, args.tls_key))
+            *metrics_address, None, args.tls_cert, args.tls_key, registry))
         log.info("rtask listening", extra={"fields": {
             "api": f"{'https' if tls else 'http'}://{api[0]}:{self.listener.getsockname()[1]}",
             "metrics": f"{metrics_address[0]}:{metrics_port}", "tasks": len(config.tasks), "keys": len(keys),
@@ -3388,6 +3390,24 @@ class Supervisor:
             if not self._replace_dead_workers():
                 self._stop()
                 return 1
+
+    def _metrics_registry(self):
+        """The supervisor's /metrics: the workers' values summed from their files
+        (``<state dir>/metrics``, emptied at start: the values of a previous server are not
+        this one's), the queue lengths from the state store, and this process's process and
+        platform collectors."""
+        import shutil
+        from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+        from prometheus_client.multiprocess import MultiProcessCollector
+        self.metrics_dir = os.path.join(self.store.directory, "metrics")
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        os.makedirs(self.metrics_dir, mode=0o700)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.metrics_dir)
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        registry.register(QueueLengths(self))
+        return registry
 
     def _validated_config(self):
         config, keys, problems = load_everything(self.args)
@@ -3411,7 +3431,7 @@ class Supervisor:
         self.workers[proc.pid] = (proc, time.monotonic())
 
     def _worker_environment(self) -> dict[str, str]:
-        return dict(os.environ)
+        return {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir}
 
     def _replace_dead_workers(self) -> bool:
         """Restart each worker that died; False when workers keep dying at start-up."""
@@ -3434,13 +3454,16 @@ class Supervisor:
         return True
 
     def worker_ended(self, pid: int, reason: str):
-        """Everything a dead worker held: its runs (groups stopped, recorded as failed)."""
+        """Everything a dead worker held: its runs (groups stopped, recorded as failed, their
+        slots passed on) and its live metric files."""
+        from prometheus_client import multiprocess
         self.store.recover_crashed(pid, reason)
+        multiprocess.mark_process_dead(pid, self.metrics_dir)
 
     def _reload(self):
         log.info("SIGHUP: validating the configuration before passing it on to the workers")
         try:
-            self._validated_config()
+            self.task_names = list(self._validated_config()[0].tasks)
         except ConfigError as e:
             log.error("reload failed; the previous configuration stays in force", extra={"fields": {"problem": str(e)}})
             return
@@ -3458,6 +3481,26 @@ class Supervisor:
                 self.worker_ended(pid, "rtask: the worker process running this task did not drain cleanly")
         log.info("stopped")
         return 0
+
+
+class QueueLengths:
+    """task_queue_length for the supervisor's /metrics: the runs waiting in line in every
+    worker, read from the state store (a callback gauge cannot cross processes)."""
+
+    def __init__(self, supervisor: Supervisor):
+        self.supervisor = supervisor
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+        family = GaugeMetricFamily("task_queue_length", "Requests waiting for a concurrency slot.", labels=["handler"])
+        counts = dict(self.supervisor.store.query_all(
+            "SELECT task, count(*) FROM runs WHERE status = 'queued' AND expires_at IS NULL GROUP BY task"))
+        for name in self.supervisor.task_names:
+            family.add_metric([name], counts.get(name, 0))
+        yield family
+
+    def describe(self):
+        return []
 
 
 def watch_supervisor(supervisor: int, state_dir: str):
@@ -3483,16 +3526,21 @@ class Metrics:
     platform collectors stay on).
 
     prometheus_client gives one bucket set per metric, but each task may configure its own
-    (durationHistogramBuckets), so task_duration_seconds is kept here and exposed by
-    ``collect``; the rest are the client library's own types."""
+    (durationHistogramBuckets), so task_duration_seconds is one client Histogram per bucket set,
+    outside any registry, exposed as one family by ``collect``; the rest are the client
+    library's own types. In a worker (PROMETHEUS_MULTIPROC_DIR set by the supervisor) every
+    value lives in the directory's files, which the supervisor's MultiProcessCollector sums
+    (its labels keep each task's buckets apart); the queue gauge is then the supervisor's
+    (QueueLengths), read from the state store."""
 
     DEFAULT_BUCKETS = (.005, .01, .025, .05, .075, .1, .25, .5, .75, 1.0, 2.5, 5.0, 7.5, 10.0)
 
     def __init__(self):
         from prometheus_client import Counter, Gauge, Histogram
         self._buckets: dict[str, tuple[float, ...]] = {}
-        self._series: dict[tuple[str, str, str], list] = {}  # labels → [bucket counts, sum, count]
+        self._durations: dict[tuple[float, ...], Histogram] = {}  # bucket set → its histogram
         self._lock = threading.Lock()
+        self.in_worker = "PROMETHEUS_MULTIPROC_DIR" in os.environ
         self.rejections = Counter("task_rejection_total", "Requests refused before running, by reason.",
                                   ["handler", "reason"])
         self.queue_length = Gauge("task_queue_length", "Requests waiting for a concurrency slot.", ["handler"])
@@ -3507,16 +3555,17 @@ class Metrics:
     def observe_run(self, run: Run):
         buckets = self._buckets.get(run.task.name, self.DEFAULT_BUCKETS)
         status = run.status if run.status in ("success", "timeout") else "failure"
-        key = (run.task.name, run.caller.name, status)
+        self._duration_histogram(buckets).labels(run.task.name, run.caller.name, status).observe(run.duration)
+
+    def _duration_histogram(self, buckets: tuple[float, ...]):
+        from prometheus_client import Histogram
         with self._lock:
-            series = self._series.get(key)
-            if series is None:
-                series = self._series[key] = [[0] * len(buckets), 0.0, 0]
-            for i, bound in enumerate(buckets):
-                if run.duration <= bound:
-                    series[0][i] += 1
-            series[1] += run.duration
-            series[2] += 1
+            histogram = self._durations.get(buckets)
+            if histogram is None:
+                histogram = self._durations[buckets] = Histogram(
+                    "task_duration_seconds", "Duration of task executions.", ["handler", "api_key_used", "status"],
+                    buckets=buckets, registry=None)
+            return histogram
 
     def count_rejection(self, task: str, reason: str):
         self.rejections.labels(task, reason).inc()
@@ -3537,8 +3586,14 @@ class Metrics:
         changed starts new series (old counts in other buckets cannot be carried over)."""
         buckets = {name: t.histogram_buckets or self.DEFAULT_BUCKETS for name, t in config.tasks.items()}
         with self._lock:
-            self._series = {k: v for k, v in self._series.items() if buckets.get(k[0]) == self._buckets.get(k[0])}
+            changed = {name for name in self._buckets if buckets.get(name) != self._buckets[name]}
             self._buckets = buckets
+            histograms = list(self._durations.values())
+        for histogram in histograms:
+            for labels in [k for k in histogram._metrics if k[0] in changed]:
+                histogram.remove(*labels)
+        if self.in_worker:
+            return
         for name in set(self._queue_gauges) - set(states):
             self.queue_length.remove(name)
         self._queue_gauges = set(states)
@@ -3546,31 +3601,30 @@ class Metrics:
             self.queue_length.labels(name).set_function(lambda s=state: s.slots.queued)
 
     def collect(self):
+        """task_duration_seconds: the samples of every bucket set's histogram, one family."""
         from prometheus_client.core import HistogramMetricFamily
         family = HistogramMetricFamily("task_duration_seconds", "Duration of task executions.",
                                        labels=["handler", "api_key_used", "status"])
         with self._lock:
-            snapshot = [(k, list(v[0]), v[1], v[2]) for k, v in self._series.items()]
-        for labels, counts, total, count in snapshot:
-            bounds = self._buckets.get(labels[0], self.DEFAULT_BUCKETS)
-            buckets = [(_le(b), c) for b, c in zip(bounds, counts)] + [("+Inf", count)]
-            family.add_metric(list(labels), buckets, total)
+            histograms = list(self._durations.values())
+        for histogram in histograms:
+            for metric in histogram.collect():
+                family.samples.extend(metric.samples)
         yield family
 
     def describe(self):
         return []
 
 
-def _le(bound: float) -> str:
-    return str(int(bound)) + ".0" if bound == int(bound) else repr(bound)
-
-
-def start_metrics_server(host: str, port: int, metrics: Metrics, cert=None, key=None) -> int:
+def start_metrics_server(host: str, port: int, metrics: Metrics | None, cert=None, key=None, registry=None) -> int:
     """Serve /metrics with the client library's own server (HTTPS with the API's certificate
-    when given; its default context allows TLS 1.2 or newer); returns the bound port."""
+    when given; its default context allows TLS 1.2 or newer); returns the bound port. The
+    registry is the default one with ``metrics``, or the supervisor's ``registry``."""
     from prometheus_client import REGISTRY, start_http_server
-    REGISTRY.register(metrics)
-    httpd, _ = start_http_server(port, addr=host, certfile=cert, keyfile=key)
+    if registry is None:
+        registry = REGISTRY
+        registry.register(metrics)
+    httpd, _ = start_http_server(port, addr=host, certfile=cert, keyfile=key, registry=registry)
     _bound_connections(httpd)
     if cert:
         # The library wraps the listening socket, so each handshake would run in its single
