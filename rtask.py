@@ -49,7 +49,7 @@ import threading
 import time
 import tomllib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, quote, unquote, urlencode
 
 __version__ = "0.1.0"
 
@@ -2412,6 +2412,10 @@ class Headers:
     def get_all(self, name: str) -> list[str]:
         return self._values.get(name, [])
 
+    def items(self):
+        """(lower-cased name, values) pairs."""
+        return self._values.items()
+
 
 class TaskState:
     """The live state of a configured task: its limits and its kept runs."""
@@ -3018,6 +3022,8 @@ def get_result(h: RequestHandler, name: str, run_id: str):
     state = task_state(h, name)
     authorize(h, f"tasks:read:{name}")
     run = find_run(state, run_id)
+    if forwarded_to_owner(h, run):
+        return
     wait = h.query.get("wait")
     if wait:
         try:
@@ -3035,7 +3041,9 @@ def get_events(h: RequestHandler, name: str, run_id: str):
     """GET /tasks/<name>/<id>/events: the run's output as Server-Sent Events."""
     state = task_state(h, name)
     authorize(h, f"tasks:read:{name}")
-    stream_events(h, find_run(state, run_id))
+    run = find_run(state, run_id)
+    if not forwarded_to_owner(h, run):
+        stream_events(h, run)
 
 
 def delete_run(h: RequestHandler, name: str, run_id: str):
@@ -3044,6 +3052,8 @@ def delete_run(h: RequestHandler, name: str, run_id: str):
     state = task_state(h, name)
     authorize(h, f"tasks:cancel:{name}")
     run = find_run(state, run_id)
+    if forwarded_to_owner(h, run):
+        return
     if not (h.app.cancel_queued(state, run) or h.app.executor.cancel(run)):
         raise Reject(409, "conflict", "The run has already ended.")
     run.done.wait(KILL_GRACE_SECONDS + 5)
@@ -3459,6 +3469,11 @@ class Supervisor:
         from prometheus_client import multiprocess
         self.store.recover_crashed(pid, reason)
         multiprocess.mark_process_dead(pid, self.metrics_dir)
+        self._remove_socket(pid)
+
+    def _remove_socket(self, pid: int):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(worker_socket_path(self.store.directory, pid))
 
     def _reload(self):
         log.info("SIGHUP: validating the configuration before passing it on to the workers")
@@ -3479,6 +3494,7 @@ class Supervisor:
         for pid, (proc, _) in self.workers.items():
             if proc.wait() != 0:
                 self.worker_ended(pid, "rtask: the worker process running this task did not drain cleanly")
+            self._remove_socket(pid)
         log.info("stopped")
         return 0
 
@@ -3514,6 +3530,83 @@ def watch_supervisor(supervisor: int, state_dir: str):
             os.getpid(), "rtask: the supervisor of the worker running this task died")
         os._exit(1)
     threading.Thread(target=watch, name="rtask-supervisor-watch", daemon=True).start()
+
+
+# -- any worker answers: forwarding to the worker that runs the run ---------------------------
+
+FORWARD_TIMEOUT = MAX_LONG_POLL_SECONDS + SSE_HEARTBEAT_SECONDS + 15  # silence from the owner's answer
+
+
+def worker_socket_path(state_dir: str, pid: int) -> str:
+    return os.path.join(state_dir, "workers", f"{pid}.sock")
+
+
+def forwarded_to_owner(h: RequestHandler, run: Run) -> bool:
+    """Answer a request about a run that is live in another worker by that worker: the
+    request (line, headers, ``Connection: close``, no body) goes to its Unix socket and the
+    answer's bytes come back as they arrive (so an event stream stays live). False when the
+    run is this worker's, has ended (the store answers), or its owner is gone (the store
+    answers from the run's row until the supervisor records its end)."""
+    if run.done.is_set() or run.owner == os.getpid() or getattr(h, "forwarded", False):
+        return False
+    upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    upstream.settimeout(FORWARD_TIMEOUT)
+    try:
+        upstream.connect(worker_socket_path(h.app.store.directory, run.owner))
+    except OSError:
+        upstream.close()
+        return False
+    with upstream:
+        h.discard_body()
+        h.close_connection = True
+        target = h.path + ("?" + urlencode(h.query, doseq=True) if h.query else "")
+        head = [f"{h.command} {quote(target, safe='/?=&')} HTTP/1.1"]
+        head += [f"{name}: {value}" for name, values in h.headers.items()
+                 if name not in ("connection", "content-length", "transfer-encoding") for value in values]
+        try:
+            upstream.sendall(("\r\n".join(head) + "\r\nConnection: close\r\n\r\n").encode("latin-1"))
+            while chunk := upstream.recv(READ_CHUNK):
+                h.wfile.write(chunk)
+        except OSError as e:  # the owner died mid-answer, or the client left: the connection ends
+            log.debug("forwarded answer cut off", extra={"fields": {"owner": run.owner, "problem": str(e)}})
+    return True
+
+
+class _ForwardedRequestHandler(RequestHandler):
+    """A request that another worker forwarded over this worker's Unix socket: no TCP, no
+    TLS, and never forwarded again."""
+
+    forwarded = True
+
+    def setup(self):
+        self.request.settimeout(SOCKET_WRITE_TIMEOUT)
+        self.handshake_failed = False
+        BaseHTTPRequestHandler.setup(self)
+
+
+class _ForwardingListener(Server):
+    """The API on ``<state dir>/workers/<pid>.sock`` (mode 0600) for the other workers."""
+
+    def get_request(self):
+        request, _ = self.socket.accept()
+        return request, ("worker", 0)  # the peer of a Unix socket has no address
+
+
+def serve_forwarded_requests(app: App):
+    """Start this worker's Unix listener (the supervisor removes it when the worker ends)."""
+    path = worker_socket_path(app.store.directory, os.getpid())
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # a dead worker's, whose pid this one got
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(Server.request_queue_size)
+    handler = type("BoundForwardedRequestHandler", (_ForwardedRequestHandler,), {"app": app})
+    server = _ForwardingListener(path, handler, app, bind_and_activate=False)
+    server.socket.close()
+    server.socket = sock
+    threading.Thread(target=server.serve_forever, name="rtask-forwarded", daemon=True).start()
 
 
 # =============================================================================================
@@ -3793,6 +3886,8 @@ def serve(args, sock=None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     gc.freeze()  # start-up objects never become garbage; keep them out of every collection
+    if sock is not None:
+        serve_forwarded_requests(app)
     threading.Thread(target=server.serve_forever, name="rtask-accept", daemon=True).start()
     if sock is None:
         log.info("rtask listening", extra={"fields": {
