@@ -1469,7 +1469,9 @@ class ConcurrencyLimit:
         with self.store.transaction() as db:
             counts = dict(db.execute("SELECT status, count(*) FROM runs WHERE task = ? AND expires_at IS NULL "
                                      "GROUP BY status", (self.task_name,)).fetchall())
-            if sum(counts.get(s, 0) for s in self.HOLDING) < self.limit:
+            # A slot freed but not yet handed on (between a run's end and its promotion) still
+            # belongs to the line: a newcomer takes one only when nobody waits.
+            if sum(counts.get(s, 0) for s in self.HOLDING) < self.limit and not counts.get("queued"):
                 admission = "now"
             elif counts.get("queued", 0) < self.queue_size:
                 admission = "queued"

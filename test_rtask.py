@@ -7183,3 +7183,119 @@ def test_a_killed_server_leaves_no_run_unsupervised(wk_start, tmp_path):
     assert (result["status"], result["exit_code"]) == ("failure", -1)
     assert "ended unexpectedly" in result["stderr"]
     assert "recorded as failed" in server.log()
+
+
+_WK_MANY = """
+[tasks.echo]
+command = ["/bin/echo", "hi"]
+apiKeyNames = ["ci"]
+
+[tasks.rare]
+command = ["/bin/echo", "rare"]
+apiKeyNames = ["ci"]
+rateLimit = 0.05
+
+[tasks.single]
+command = ["/bin/sh", "-c", "sleep 1.5; echo ran"]
+apiKeyNames = ["ci"]
+maxConcurrentTasks = 1
+
+[tasks.line]
+command = ["/bin/sh", "-c", "echo \\"$REQUEST_HEADER_X_ORDER\\" >> order.log; sleep 1.5"]
+apiKeyNames = ["ci"]
+maxConcurrentTasks = 1
+queueSize = 3
+queueTimeoutSeconds = 30
+passRequestHeaders = ["X-Order"]
+
+[tasks.brief]
+command = ["/bin/sh", "-c", "sleep 3"]
+apiKeyNames = ["ci"]
+maxConcurrentTasks = 1
+queueSize = 1
+queueTimeoutSeconds = 1
+
+[tasks.later]
+command = ["/bin/sh", "-c", "echo started; exec sleep 60"]
+apiKeyNames = ["ci"]
+async = true
+asyncResultRetentionSeconds = 300
+
+[tasks.talk]
+command = ["/bin/sh", "-c", "echo one; sleep 1.5; echo two; sleep 1.5; echo three"]
+apiKeyNames = ["ci"]
+async = true
+
+[tasks.drain]
+command = ["/bin/sh", "-c", "sleep 1.5; echo drained"]
+apiKeyNames = ["ci"]
+"""
+
+_WK_FOUR = ("--workers", "4")
+
+
+def _wk_worker_pids(server) -> list[int]:
+    """The supervisor's worker processes (its children)."""
+    pid = server.proc.pid
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _wk_owners(workdir: Path, task: str) -> dict[str, int]:
+    """run id → pid of the worker that ran it, from the state store."""
+    import sqlite3
+    db = sqlite3.connect(f"file:{workdir / 'rtask-state' / 'state.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        return dict(db.execute("SELECT id, owner FROM runs WHERE task = ?", (task,)).fetchall())
+    finally:
+        db.close()
+
+
+def _wk_parallel(count, call):
+    """``call(i)`` for i in range(count), all at once on their own connections."""
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        return list(pool.map(call, range(count)))
+
+
+def test_workers_count_the_rate_limit_across_workers(wk_start):
+    """Burst 1 for the whole server: of many requests at once, spread over 4 workers, one runs."""
+    server, tokens = wk_start(_WK_MANY, run_args=_WK_FOUR)
+    assert len(wait_for(lambda: len(_wk_worker_pids(server)) == 4 and _wk_worker_pids(server))) == 4
+    statuses = _wk_parallel(12, lambda i: server.post("rare", key=tokens["ci"]).status)
+    assert sorted(statuses) == [200] + [429] * 11, statuses
+
+
+def test_workers_count_max_concurrent_across_workers(wk_start, tmp_path):
+    server, tokens = wk_start(_WK_MANY, run_args=_WK_FOUR)
+    statuses = _wk_parallel(8, lambda i: server.post("single", key=tokens["ci"]).status)
+    assert sorted(statuses) == [200] + [429] * 7, statuses
+    assert server.post("single", key=tokens["ci"]).status == 200  # the slot came back
+
+
+def test_workers_share_one_fifo_queue_with_its_timeout(wk_start, tmp_path):
+    """queueSize and FIFO hold across workers: requests sent one after another run in that
+    order, the one beyond the queue is refused, and a waiter past queueTimeoutSeconds gets 429."""
+    server, tokens = wk_start(_WK_MANY, run_args=_WK_FOUR)
+    results = {}
+
+    def post(i):
+        results[i] = server.post("line", key=tokens["ci"], headers={"X-Order": str(i)})
+
+    threads = []
+    for i in range(5):
+        threads.append(threading.Thread(target=post, args=(i,)))
+        threads[-1].start()
+        if i < 4:  # admitted in this order (a worker's first Argon2 check may delay a request)
+            wait_for(lambda: len(_wk_owners(tmp_path, "line")) == i + 1, timeout=15)
+    for t in threads:
+        t.join(60)
+    assert sorted(r.status for r in results.values()) == [200] * 4 + [429], results
+    order = (tmp_path / "order.log").read_text().split()
+    assert order == [str(i) for i in range(5) if results[i].status == 200], order
+    assert results[4].status == 429  # the line was full
+    first = threading.Thread(target=lambda: server.post("brief", key=tokens["ci"]))
+    first.start()
+    time.sleep(0.3)
+    began = time.monotonic()
+    assert server.post("brief", key=tokens["ci"]).status == 429  # waited its queueTimeoutSeconds
+    assert 0.8 <= time.monotonic() - began < 8  # queueTimeoutSeconds = 1, plus a loaded machine
+    first.join(30)
