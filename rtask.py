@@ -2109,9 +2109,12 @@ class StateStore:
     _COLUMNS = ("id", "task", "caller", "client", "status", "exit_code", "created_at", "started_at",
                 "finished_at", "duration", "stdout", "stderr", "stdout_truncated", "stderr_truncated",
                 "owner", "pgid", "proc_start", "retention", "expires_at")
+    _INSERT = f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+    _UPSERT = _INSERT + " ON CONFLICT (id) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:]) + \
+        " WHERE runs.expires_at IS NULL"
     _SCHEMA = """
         CREATE TABLE IF NOT EXISTS runs (
-            seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- admission order (FIFO of the queues)
+            seq INTEGER PRIMARY KEY,  -- admission order (FIFO of the queues): always above every row left
             id TEXT NOT NULL UNIQUE, task TEXT NOT NULL, caller TEXT NOT NULL, client TEXT NOT NULL,
             status TEXT NOT NULL, exit_code INTEGER NOT NULL,
             created_at REAL NOT NULL, started_at REAL, finished_at REAL, duration REAL NOT NULL,
@@ -2178,8 +2181,7 @@ class StateStore:
 
     def insert_run(self, db, run: Run, status: str):
         """Within a transaction: a new row for ``run`` with ``status`` (a limiter's admission)."""
-        db.execute(f"INSERT INTO runs ({', '.join(self._COLUMNS)}) VALUES ({', '.join('?' * len(self._COLUMNS))})",
-                   self._row(run, status, None, None))
+        db.execute(self._INSERT, self._row(run, status, None, None))
 
     def save(self, run: Run):
         """Record a run that waits or runs (its row is created or updated in place)."""
@@ -2194,11 +2196,9 @@ class StateStore:
     def _upsert(self, run: Run, expires_at: float | None, retention: float | None = None):
         """One statement per write. The row is taken from the run under the lock, so of two
         threads saving one run the later write holds the later state; an ended row is final."""
-        updates = ", ".join(f"{c} = excluded.{c}" for c in self._COLUMNS[1:])
         with self._lock:
             row = self._row(run, run.status if expires_at else run.shown_status(), expires_at, retention)
-            self._db.execute(f"INSERT INTO runs ({', '.join(self._COLUMNS)}) VALUES ({', '.join('?' * len(row))}) "
-                             f"ON CONFLICT (id) DO UPDATE SET {updates} WHERE runs.expires_at IS NULL", row)
+            self._db.execute(self._UPSERT, row)
 
     @staticmethod
     def _row(run: Run, status: str, expires_at: float | None, retention: float | None) -> tuple:
@@ -2309,9 +2309,14 @@ def process_start_time(pid: int) -> int | None:
     there is no such process. The command name (field 2) may hold spaces and parentheses, so
     fields are counted after its closing one."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            text = f.read()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
+        return None
+    try:
+        text = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    if not text:
         return None
     return int(text[text.rindex(b")") + 2:].split()[19])
 
