@@ -3320,6 +3320,7 @@ MAX_WORKERS = 256
 QUICK_DEATH_SECONDS = 5.0  # a worker dying sooner than this after its start died "at start-up"
 MAX_QUICK_DEATHS = 5  # that many in a row: the supervisor gives up (exit 1) instead of looping
 SUPERVISOR_CHECK_SECONDS = 0.5  # how often a worker checks that its supervisor still lives
+WORKER_START_SECONDS = 30.0  # the longest the supervisor waits for its first workers to serve
 
 
 def parse_workers(text: str) -> int:
@@ -3390,12 +3391,13 @@ class Supervisor:
         registry = self._metrics_registry()
         metrics_port = listen(args.metrics_address, lambda: start_metrics_server(
             *metrics_address, None, args.tls_cert, args.tls_key, registry))
+        for _ in range(self.count):
+            self._start_worker()
+        self._wait_until_serving()
         log.info("rtask listening", extra={"fields": {
             "api": f"{'https' if tls else 'http'}://{api[0]}:{self.listener.getsockname()[1]}",
             "metrics": f"{metrics_address[0]}:{metrics_port}", "tasks": len(config.tasks), "keys": len(keys),
             "workers": self.count}})
-        for _ in range(self.count):
-            self._start_worker()
         while True:
             wake.wait(0.25)
             wake.clear()
@@ -3425,6 +3427,17 @@ class Supervisor:
         PlatformCollector(registry=registry)
         registry.register(QueueLengths(self))
         return registry
+
+    def _wait_until_serving(self):
+        """Until every worker serves (its Unix socket exists: config and keys loaded), one
+        has died (the main loop replaces it), or WORKER_START_SECONDS have passed. Only then
+        is "rtask listening" logged, so that a key added after that line is in every worker."""
+        deadline = time.monotonic() + WORKER_START_SECONDS
+        while time.monotonic() < deadline:
+            if any(proc.poll() is not None for proc, _ in self.workers.values()) or all(
+                    os.path.exists(worker_socket_path(self.store.directory, pid)) for pid in self.workers):
+                return
+            time.sleep(0.02)
 
     def _validated_config(self):
         config, keys, problems = load_everything(self.args)
