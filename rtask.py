@@ -40,6 +40,7 @@ import os
 import re
 import secrets
 import selectors
+import shutil
 import signal
 import socket
 import sqlite3
@@ -3386,6 +3387,8 @@ class Supervisor:
         tls = tls_context(args.tls_cert, args.tls_key)
         parse_networks(args.trusted_proxy, "--trusted-proxy")
         self.store = StateStore.open_exclusive(state_directory(args))
+        # Sockets left by the workers of a server that was killed: their pids may come back.
+        shutil.rmtree(os.path.dirname(worker_socket_path(self.store.directory, 0)), ignore_errors=True)
         self.listener = listen(args.api_address, lambda: bind_listener(api))
         self.task_names = list(config.tasks)
         registry = self._metrics_registry()
@@ -3415,7 +3418,6 @@ class Supervisor:
         (``<state dir>/metrics``, emptied at start: the values of a previous server are not
         this one's), the queue lengths from the state store, and this process's process and
         platform collectors."""
-        import shutil
         from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
         from prometheus_client.multiprocess import MultiProcessCollector
         self.metrics_dir = os.path.join(self.store.directory, "metrics")
