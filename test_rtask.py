@@ -7221,6 +7221,14 @@ apiKeyNames = ["ci"]
 async = true
 asyncResultRetentionSeconds = 300
 
+[tasks.batch]
+command = ["/bin/sh", "-c", "sleep 1; echo \\"$REQUEST_HEADER_X_ORDER\\""]
+apiKeyNames = ["ci"]
+async = true
+maxConcurrentTasks = 1
+queueSize = 2
+passRequestHeaders = ["X-Order"]
+
 [tasks.talk]
 command = ["/bin/sh", "-c", "echo one; sleep 1.5; echo two; sleep 1.5; echo three"]
 apiKeyNames = ["ci"]
@@ -7458,3 +7466,20 @@ def test_workers_results_survive_kill9_of_everything(wk_start, tmp_path):
     result = server.get(f"/tasks/later/{run_id}", key=key).json
     assert (result["status"], result["exit_code"]) == ("failure", -1)
     assert "ended unexpectedly" in result["stderr"]
+
+
+def test_workers_queue_async_runs_across_workers(wk_start, tmp_path):
+    """Async runs over the limit are answered ``queued`` by whichever worker takes them, start
+    in admission order as slots free anywhere, and one beyond queueSize gets 429."""
+    server, tokens = wk_start(_WK_MANY, run_args=_WK_FOUR)
+    key = tokens["ci"]
+    _wk_warm(server, key, tmp_path)
+    answers = []
+    for i in range(4):
+        answers.append(server.post("batch", key=key, headers={"X-Order": str(i)}))
+    assert [a.status for a in answers] == [200, 200, 200, 429], answers
+    assert [a.json["status"] for a in answers[:3]] == ["running", "queued", "queued"]
+    results = [server.get(f"/tasks/batch/{a.json['task_id']}?wait=30", key=key).json for a in answers[:3]]
+    assert [r["stdout"] for r in results] == ["0\n", "1\n", "2\n"], results
+    starts = [r["started_at"] for r in results]
+    assert starts == sorted(starts) and all(r["status"] == "success" for r in results)
