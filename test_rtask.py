@@ -7483,3 +7483,15 @@ def test_workers_queue_async_runs_across_workers(wk_start, tmp_path):
     assert [r["stdout"] for r in results] == ["0\n", "1\n", "2\n"], results
     starts = [r["started_at"] for r in results]
     assert starts == sorted(starts) and all(r["status"] == "success" for r in results)
+
+
+def test_unusable_state_dir_and_worker_count_are_clear_errors(tmp_path):
+    (tmp_path / "config.toml").write_text(textwrap.dedent(_WK_CONFIG))
+    (tmp_path / "a-file").write_text("")
+    for extra, message in ((("--state-dir", "a-file"), "cannot use the state directory a-file"),
+                           (("--workers", "0"), "--workers '0' must be a number from 1 to"),
+                           (("--workers", "2", "--state-dir", "a-file"), "cannot use the state directory")):
+        out = rtask_cli("run", "--api-address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0", *extra,
+                        cwd=tmp_path, timeout=30)
+        assert out.returncode == 1 and message in out.stderr, (extra, out.stderr)
+        assert "Traceback" not in out.stderr
