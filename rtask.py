@@ -2056,8 +2056,10 @@ class Executor:
         child.run.finish(status, exit_code)
         with self._count_lock:
             self.running -= 1
-        child.on_end(child.run)
-        child.run.publish()
+        try:
+            child.on_end(child.run)
+        finally:  # whatever failed there, whoever waits for the run gets its answer
+            child.run.publish()
 
     def _end_unstarted(self, run: Run, error: Exception, on_end):
         reason = getattr(error, "strerror", None) or str(error)
@@ -2196,10 +2198,16 @@ class StateStore:
 
     def _upsert(self, run: Run, expires_at: float | None, retention: float | None = None):
         """One statement per write. The row is taken from the run under the lock, so of two
-        threads saving one run the later write holds the later state; an ended row is final."""
+        threads saving one run the later write holds the later state; an ended row is final.
+        A write that fails (disk full, the database locked past its timeout) is logged and the
+        run goes on: its process is already running and its waiters must get their answer."""
         with self._lock:
             row = self._row(run, run.status if expires_at else run.shown_status(), expires_at, retention)
-            self._db.execute(self._UPSERT, row)
+            try:
+                self._db.execute(self._UPSERT, row)
+            except sqlite3.Error as e:
+                log.error("cannot record a run in the state store", extra={"fields": {
+                    "task_id": run.id, "state_dir": self.directory, "problem": str(e)}})
 
     @staticmethod
     def _row(run: Run, status: str, expires_at: float | None, retention: float | None) -> tuple:
@@ -2212,7 +2220,7 @@ class StateStore:
 
     def _purge(self):
         now = time.time()
-        with self._lock:
+        with self._lock, contextlib.suppress(sqlite3.Error):  # retried on the next write
             self._next_purge = time.monotonic() + self.PURGE_INTERVAL
             self._db.execute("DELETE FROM runs WHERE expires_at <= ?", (now,))
             crowded = self._db.execute("SELECT task FROM runs WHERE expires_at IS NOT NULL GROUP BY task "
