@@ -50,15 +50,17 @@ import re
 import secrets
 import selectors
 import shlex
+import shutil
 import signal
 import socket
+import sqlite3
 import sys
 import tempfile
 import threading
 import time
 import tomllib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, quote, unquote, urlencode
 
 __version__ = "0.1.0"
 
@@ -1142,7 +1144,7 @@ class KeyRing:
     stops working on the next check. A file that fails to parse is logged and the previous set
     stays in force."""
 
-    def __init__(self, path: str, keys: dict[str, StoredKey]):
+    def __init__(self, path: str, keys: dict[str, StoredKey], argon2_slots=None):
         self.path = path
         self._by_id = {k.id: k for k in keys.values()}
         self._stamp = self._file_stamp()
@@ -1150,7 +1152,8 @@ class KeyRing:
         self._lock = threading.Lock()
         self._cache: collections.OrderedDict[bytes, tuple[str, float]] = collections.OrderedDict()
         self._cache_secret = secrets.token_bytes(32)  # per process: cache keys are useless elsewhere
-        self._argon2_slots = threading.BoundedSemaphore(ARGON2_MAX_CONCURRENT)
+        # Server-wide in a server (Argon2Slots, across its workers), else in this process.
+        self._argon2_slots = argon2_slots or threading.BoundedSemaphore(ARGON2_MAX_CONCURRENT)
 
     @property
     def names(self) -> set[str]:
@@ -1191,9 +1194,7 @@ class KeyRing:
                 log.info("keys reloaded", extra={"fields": {"keys": len(keys), "file": self.path}})
 
     def warn_missing(self):
-        """A missing keys file is an empty store (SPEC §4), so every key is refused: say so."""
-        log.warning(f"keys file {self.path} is missing: every API key gets 401 until it exists again "
-                    f"(rtask add-key creates it)", extra={"fields": {"file": self.path}})
+        warn_missing_keys_file(self.path)
 
     def verify(self, token: str) -> str:
         """The name of the key ``token`` is, or Reject(401). Unknown ids never reach Argon2."""
@@ -1248,6 +1249,19 @@ class KeyRing:
                 return None
             self._cache.move_to_end(tag)
             return hit[0]
+
+
+def warn_missing_keys_file(path: str):
+    """A missing keys file is an empty store (SPEC §4), so every key is refused: say so."""
+    log.warning(f"keys file {path} is missing: every API key gets 401 until it exists again "
+                f"(rtask add-key creates it)", extra={"fields": {"file": path}})
+
+
+def warn_if_keys_missing(args, config: Config):
+    """At start-up: keys.toml is missing while tasks or [auth.keyPermissions] name keys."""
+    if not os.path.exists(args.api_keys_file) and (config.auth.key_permissions or
+                                                   any(t.api_key_names for t in config.tasks.values())):
+        warn_missing_keys_file(args.api_keys_file)
 
 
 def _import_jwt():
@@ -1509,90 +1523,234 @@ def require_permission(caller: Caller, permission: str, metrics: Metrics):
 
 
 class RateLimiter:
-    """Token bucket with a burst of 1: at most ``rate`` requests a second, never two at once.
+    """Token bucket with a burst of 1: at most ``rate`` requests a second, never two at once,
+    counted across every process of the server: the bucket is a row of the StateStore, taken
+    in one write transaction. time.monotonic() is CLOCK_MONOTONIC, one clock for the whole
+    machine, so every process computes the refill alike. A task without a rateLimit touches
+    no lock. A bucket whose rate changed (reload) starts full, as a new limiter did.
 
     A refused request learns when to retry: the ceiling of 1/rate seconds (SPEC §5)."""
 
-    def __init__(self, rate: float):
-        self.rate = rate
+    def __init__(self, task_name: str, rate: float, store: StateStore):
+        self.task_name, self.rate, self.store = task_name, rate, store
         self.retry_after = str(math.ceil(min(1 / rate, MAX_SECONDS))) if rate > 0 else "1"
-        self._tokens = 1.0
-        self._last = time.monotonic()
-        self._lock = threading.Lock()
 
     def allow(self) -> bool:
         if self.rate <= 0:
             return True
-        with self._lock:
+        with self.store.transaction() as db:
             now = time.monotonic()
-            self._tokens = min(1.0, self._tokens + (now - self._last) * self.rate)
-            self._last = now
-            if self._tokens >= 1.0:
-                self._tokens -= 1.0
-                return True
-            return False
+            row = db.execute("SELECT tokens, last, rate FROM buckets WHERE task = ?", (self.task_name,)).fetchone()
+            tokens = 1.0 if row is None or row[2] != self.rate else \
+                min(1.0, row[0] + max(0.0, now - row[1]) * self.rate)  # a reboot resets the clock: no refill
+            allowed = tokens >= 1.0
+            db.execute("INSERT OR REPLACE INTO buckets (task, tokens, last, rate) VALUES (?, ?, ?, ?)",
+                       (self.task_name, tokens - allowed, now, self.rate))
+        return allowed
 
 
 class ConcurrencyLimit:
     """Slots for running executions of one task (0 = unlimited), and a bounded line of
-    requests waiting for one (queueSize). A slot is given back when the process ends, also
-    for async runs; a freed slot goes straight to the first in line, so newcomers cannot
-    overtake the queue."""
+    requests waiting for one (queueSize), counted across every process of the server.
 
-    def __init__(self, limit: int, queue_size: int):
-        self.limit, self.queue_size = limit, queue_size
-        self.running = 0
-        self._waiting: collections.deque = collections.deque()  # on_grant callables, FIFO
-        self._lock = threading.Lock()
+    - A slot is held by a run's row in the StateStore from admission (status ``starting``, or
+      ``granted`` when it came from the line) until the run ends, also for async runs; a run
+      waiting in line is a ``queued`` row, in admission order (seq). Every check and change is
+      one write transaction, so two processes never both take the last slot.
+    - A freed slot goes straight to the first in line (its row becomes ``granted``), so
+      newcomers cannot overtake the queue. The process that waits for it learns it at once
+      when it freed the slot itself, else from its poller (every GRANT_POLL_SECONDS, only while
+      it has runs in line). A dead worker's rows are ended by the supervisor, which frees
+      their slots.
+    - An unlimited task keeps a count in memory only (for /health/detailed): no lock is
+      shared for it."""
+
+    GRANT_POLL_SECONDS = 0.015
+    HOLDING = ("starting", "granted", "running")  # row statuses that hold a slot
+
+    def __init__(self, task_name: str, limit: int, queue_size: int, store: StateStore):
+        self.task_name, self.store = task_name, store
+        self._unlimited_running = 0
+        self._count_lock = threading.Lock()
+        self.set_limits(limit, queue_size)
+
+    @property
+    def running(self) -> int:
+        if not self.limit:
+            return self._unlimited_running
+        return self._count(self.HOLDING)
 
     @property
     def queued(self) -> int:
-        return len(self._waiting)
+        """Runs waiting in line, in every process."""
+        return self._count(("queued",)) if self.limit else 0
+
+    @property
+    def waiting_here(self) -> int:
+        """Runs of this process waiting in line (a drain waits for them)."""
+        return self.store.grants.waiting(self.task_name)
+
+    def _count(self, statuses: tuple) -> int:
+        return self.store.query_one(f"SELECT count(*) FROM runs WHERE task = ? AND expires_at IS NULL AND status "
+                                    f"IN ({', '.join('?' * len(statuses))})", (self.task_name, *statuses))
 
     def has_room(self) -> bool:
         """Could a request start now or wait in line?"""
-        return not self.limit or self.running < self.limit or len(self._waiting) < self.queue_size
+        if not self.limit:
+            return True
+        return self.running < self.limit or self.queued < self.queue_size
 
-    def admit(self, on_grant) -> str:
+    def admit(self, run: Run, on_grant) -> str:
         """Take a free slot ("now"), else a place in line ("queued": ``on_grant()`` is called,
-        holding the slot, when one frees), else "full". One step under the lock: done as two,
-        a slot freed in between would go to nobody while the newcomer waits for it."""
-        with self._lock:
-            if not self.limit or self.running < self.limit:
-                self.running += 1
-                return "now"
-            if len(self._waiting) < self.queue_size:
-                self._waiting.append(on_grant)
-                return "queued"
-            return "full"
+        holding the slot, when one frees), else "full". One transaction: done as two steps, a
+        slot freed in between would go to nobody while the newcomer waits for it."""
+        if not self.limit:
+            with self._count_lock:
+                self._unlimited_running += 1
+            return "now"
+        with self.store.transaction() as db:
+            counts = dict(db.execute("SELECT status, count(*) FROM runs WHERE task = ? AND expires_at IS NULL "
+                                     "GROUP BY status", (self.task_name,)).fetchall())
+            # A slot freed but not yet handed on (between a run's end and its promotion) still
+            # belongs to the line: a newcomer takes one only when nobody waits.
+            if sum(counts.get(s, 0) for s in self.HOLDING) < self.limit and not counts.get("queued"):
+                admission = "now"
+            elif counts.get("queued", 0) < self.queue_size:
+                admission = "queued"
+                self.store.grants.expect(run, on_grant)
+            else:
+                return "full"
+            self.store.insert_run(db, run, "starting" if admission == "now" else "queued")
+        return admission
 
-    def withdraw(self, on_grant) -> bool:
-        """Leave the line; False if the slot was already granted."""
-        with self._lock:
-            try:
-                self._waiting.remove(on_grant)
-                return True
-            except ValueError:
-                return False
+    def withdraw(self, run: Run) -> bool:
+        """Leave the line; False if the slot was already granted (then ``on_grant`` has been
+        called, here if no one had yet)."""
+        with self.store.transaction() as db:
+            left = db.execute("DELETE FROM runs WHERE id = ? AND status = 'queued'", (run.id,)).rowcount
+        on_grant = self.store.grants.forget(run.id)
+        if not left and on_grant:
+            on_grant()
+        return bool(left)
 
     def release(self):
-        with self._lock:
-            if not self._waiting:
-                self.running -= 1
-                return
-            on_grant = self._waiting.popleft()
-        on_grant()
+        """A run of this task has ended (its row says so): hand free slots to the line."""
+        if not self.limit:
+            with self._count_lock:  # (a run admitted before a reload lifted the limit held no count)
+                self._unlimited_running = max(0, self._unlimited_running - 1)
+            return
+        self.promote()
+
+    def promote(self):
+        """Grant free slots to the first in line, in every process (the others' pollers start
+        theirs); this process's own grantees start now."""
+        with self.store.transaction() as db:
+            granted = promote_queued(db, self.task_name, self.limit)
+        self.store.grants.start(granted)
 
     def set_limits(self, limit: int, queue_size: int):
         """New limits (reload); a raised limit admits waiting requests at once."""
+        self.limit, self.queue_size = limit, queue_size
+        with self.store.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO limits (task, max_running) VALUES (?, ?)", (self.task_name, limit))
+        if limit:
+            self.promote()
+
+
+def promote_queued(db, task_name: str, limit: int) -> list[tuple[str, int]]:
+    """Within a transaction: mark the first queued rows ``granted`` while slots are free;
+    returns their (run id, owner pid). A limit of 0 (no longer limited) grants them all."""
+    holding = ", ".join(f"'{s}'" for s in ConcurrencyLimit.HOLDING)
+    running = db.execute(f"SELECT count(*) FROM runs WHERE task = ? AND expires_at IS NULL AND status IN ({holding})",
+                         (task_name,)).fetchone()[0]
+    free = limit - running if limit else -1
+    rows = db.execute("SELECT id, owner FROM runs WHERE task = ? AND status = 'queued' AND expires_at IS NULL "
+                      "ORDER BY seq LIMIT ?", (task_name, free)).fetchall() if free else []
+    db.executemany("UPDATE runs SET status = 'granted' WHERE id = ?", [(run_id,) for run_id, _ in rows])
+    return rows
+
+
+class Grants:
+    """This process's runs waiting in line, and the poller that starts them when another
+    process grants them a slot (it runs only while some are waiting)."""
+
+    def __init__(self, store: StateStore):
+        self.store = store
+        self._waiting: dict[str, tuple[str, object]] = {}  # run id → (task name, on_grant)
+        self._lock = threading.Lock()
+        self._polling = False
+
+    def waiting(self, task_name: str) -> int:
         with self._lock:
-            self.limit, self.queue_size = limit, queue_size
-            admitted = []
-            while self._waiting and (not limit or self.running < limit):
-                admitted.append(self._waiting.popleft())
-                self.running += 1
-        for on_grant in admitted:
-            on_grant()
+            return sum(1 for task, _ in self._waiting.values() if task == task_name)
+
+    def expect(self, run: Run, on_grant):
+        with self._lock:
+            self._waiting[run.id] = (run.task.name, on_grant)
+            if not self._polling:
+                self._polling = True
+                threading.Thread(target=self._poll, name="rtask-grants", daemon=True).start()
+
+    def forget(self, run_id: str):
+        with self._lock:
+            entry = self._waiting.pop(run_id, None)
+        return entry and entry[1]
+
+    def start(self, granted: list[tuple[str, int]]):
+        """Start the runs of ``granted`` that wait here."""
+        for run_id, owner in granted:
+            on_grant = self.forget(run_id) if owner == os.getpid() else None
+            if on_grant:
+                on_grant()
+
+    def _poll(self):
+        while True:
+            time.sleep(ConcurrencyLimit.GRANT_POLL_SECONDS)
+            with self._lock:
+                if not self._waiting:
+                    self._polling = False
+                    return
+                ids = list(self._waiting)
+            try:
+                granted = self.store.query_all(
+                    f"SELECT id, owner FROM runs WHERE status = 'granted' AND id IN ({', '.join('?' * len(ids))})",
+                    ids)
+            except sqlite3.Error as e:  # a busy database: try again on the next round
+                log.warning("cannot read granted slots", extra={"fields": {"problem": str(e)}})
+                continue
+            self.start(granted)
+
+
+class Argon2Slots:
+    """At most ARGON2_MAX_CONCURRENT Argon2 computations at once in the whole server (each
+    takes ARGON2_MEMORY_MIB): slot i is an flock on ``<state dir>/argon2-<i>.lock``, which the
+    kernel releases if the holder dies. Each acquisition opens its own file description, since
+    flock is shared by everything using one. Same interface as a semaphore."""
+
+    POLL_SECONDS = 0.005
+
+    def __init__(self, directory: str):
+        self.paths = [os.path.join(directory, f"argon2-{i}.lock") for i in range(ARGON2_MAX_CONCURRENT)]
+        self._held = threading.local()
+
+    def acquire(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            for path in self.paths:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                self._held.fd = fd
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(self.POLL_SECONDS)
+
+    def release(self):
+        os.close(self._held.fd)  # closing the description drops its lock
 
 
 # =============================================================================================
@@ -2473,6 +2631,9 @@ class Run:
         self.exit_code = -1
         self.launch = None  # while queued: the callable waiting in the task's line
         self.short_of_resources = False  # not started for want of processes, descriptors or memory
+        self.pgid: int | None = None  # its process group once spawned (the leader's pid)
+        self.proc_start: int | None = None  # that leader's start time (see process_start_time)
+        self.owner = os.getpid()  # the process running it
         self.stdout = Output(task.max_output_bytes)
         self.stderr = Output(task.max_output_bytes)
         self.done = threading.Event()
@@ -2602,7 +2763,8 @@ class Executor:
       PIPE_GRACE_SECONDS; such processes are left running (a task may start a daemon).
     """
 
-    def __init__(self):
+    def __init__(self, on_spawn=lambda run: None):
+        self.on_spawn = on_spawn  # called with the run once its process group exists
         self._selector = selectors.DefaultSelector()
         self._timers: list = []  # heap of [when, seq, callback or None when cancelled]
         self._cancelled = 0  # cancelled entries still in the heap
@@ -2635,6 +2797,8 @@ class Executor:
                 os.close(fd)
             self._end_unstarted(run, e, on_end)
             return
+        run.pgid, run.proc_start = process.pid, process_start_time(process.pid)
+        self.on_spawn(run)
         for _, write_end in pipes[1:]:
             os.close(write_end)
         os.close(stdin[0])
@@ -2869,8 +3033,10 @@ class Executor:
         child.run.finish(status, exit_code)
         with self._count_lock:
             self.running -= 1
-        child.on_end(child.run)
-        child.run.publish()
+        try:
+            child.on_end(child.run)
+        finally:  # whatever failed there, whoever waits for the run gets its answer
+            child.run.publish()
 
     def _end_unstarted(self, run: Run, error: Exception, on_end):
         reason = getattr(error, "strerror", None) or str(error)
@@ -2894,55 +3060,327 @@ def _killpg(pgid: int, sig):
 
 
 # =============================================================================================
-# Results (kept runs, retention)
+# Results and state (retention, the durable store)
 # =============================================================================================
+
+ENDED_STATUSES = ("success", "failure", "timeout", "cancelled")
+CRASH_REASON = "rtask: the server running this task ended unexpectedly; its process group was stopped at restart"
+NEVER_STARTED_REASON = "rtask: never started: the server ended while the run waited for a slot"
+
+
+class StateStore:
+    """The durable record of runs, shared by every process serving one state directory.
+
+    - One SQLite database, ``<state dir>/state.db`` (WAL, synchronous=NORMAL: a committed row
+      survives a kill -9 of any process; only an OS crash may lose the last commits).
+    - A run's row is written when it waits in line (async runs), when its process has been
+      spawned (with the process group and that process's start time, for crash recovery),
+      and when it ends (status, exit code, output). The end is written before any waiter is
+      woken, so whoever gets an answer and asks again, on any worker, finds the result.
+    - Ended rows are kept until ``expires_at`` (wall clock: asyncResultRetentionSeconds after
+      the end) and at most MAX_RESULTS_KEPT per task, oldest ended first; readers never see an
+      expired row, and the purge runs on writes at most every PURGE_INTERVAL seconds.
+    - ``open_exclusive`` is for the one process that owns the directory (the server, or the
+      supervisor of its workers): it holds ``<state dir>/lock`` for its lifetime, so a second
+      server on the same directory is refused, and it stops what a crashed predecessor left.
+    One connection per process behind a lock: SQLite serialises writers anyway, and a
+    connection per handler thread would cost an open per connection (measured in bench/)."""
+
+    PURGE_INTERVAL = 0.5
+    _COLUMNS = ("id", "task", "caller", "client", "status", "exit_code", "created_at", "started_at",
+                "finished_at", "duration", "stdout", "stderr", "stdout_truncated", "stderr_truncated",
+                "owner", "pgid", "proc_start", "retention", "expires_at")
+    _INSERT = f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+    _UPSERT = _INSERT + " ON CONFLICT (id) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:]) + \
+        " WHERE runs.expires_at IS NULL"
+    _SCHEMA = """
+        CREATE TABLE IF NOT EXISTS runs (
+            seq INTEGER PRIMARY KEY,  -- admission order (FIFO of the queues): always above every row left
+            id TEXT NOT NULL UNIQUE, task TEXT NOT NULL, caller TEXT NOT NULL, client TEXT NOT NULL,
+            status TEXT NOT NULL, exit_code INTEGER NOT NULL,
+            created_at REAL NOT NULL, started_at REAL, finished_at REAL, duration REAL NOT NULL,
+            stdout BLOB, stderr BLOB, stdout_truncated INTEGER NOT NULL, stderr_truncated INTEGER NOT NULL,
+            owner INTEGER NOT NULL,  -- pid of the process that runs it
+            pgid INTEGER, proc_start INTEGER,  -- its process group, and the leader's start time
+            retention REAL NOT NULL,  -- seconds the result is kept after the end
+            expires_at REAL  -- NULL while queued or running
+        );
+        CREATE INDEX IF NOT EXISTS runs_by_task ON runs (task, created_at);
+        CREATE INDEX IF NOT EXISTS runs_live ON runs (task, status) WHERE expires_at IS NULL;
+        CREATE TABLE IF NOT EXISTS buckets (  -- RateLimiter
+            task TEXT PRIMARY KEY, tokens REAL NOT NULL, last REAL NOT NULL, rate REAL NOT NULL);
+        CREATE TABLE IF NOT EXISTS limits (  -- ConcurrencyLimit: maxConcurrentTasks, for promotions
+            task TEXT PRIMARY KEY, max_running INTEGER NOT NULL);
+    """
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self._lock_fd: int | None = None
+        self._lock = threading.RLock()  # re-entered by a run written inside a limiter's transaction
+        self._next_purge = 0.0
+        self.grants = Grants(self)
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            self._db = sqlite3.connect(os.path.join(directory, "state.db"), timeout=10.0,
+                                       isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(self._SCHEMA)
+        except (OSError, sqlite3.Error) as e:
+            raise ConfigError(f"cannot use the state directory {directory}: "
+                              f"{getattr(e, 'strerror', None) or e}") from None
+
+    @classmethod
+    def open_exclusive(cls, directory: str) -> StateStore:
+        """The store of the process that owns ``directory``: locked, and recovered."""
+        store = cls(directory)
+        fd = os.open(os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"the state directory {directory} is in use by another rtask server; "
+                              "stop it or give this one its own --state-dir") from None
+        store._lock_fd = fd
+        store.recover_crashed(None, CRASH_REASON)
+        return store
+
+    # -- writes ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """One write transaction (BEGIN IMMEDIATE: the write lock is taken at once, so what it
+        reads cannot change before it writes), committed at the end, rolled back on error."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def insert_run(self, db, run: Run, status: str):
+        """Within a transaction: a new row for ``run`` with ``status`` (a limiter's admission)."""
+        db.execute(self._INSERT, self._row(run, status, None, None))
+
+    def save(self, run: Run):
+        """Record a run that waits or runs (its row is created or updated in place)."""
+        self._upsert(run, None)
+
+    def finish(self, run: Run, retention: float):
+        """Record a run's end with its output; it is readable until ``retention`` has passed."""
+        self._upsert(run, run.finished_at + retention, retention)
+        if time.monotonic() >= self._next_purge:
+            self._purge()
+
+    def _upsert(self, run: Run, expires_at: float | None, retention: float | None = None):
+        """One statement per write. The row is taken from the run under the lock, so of two
+        threads saving one run the later write holds the later state; an ended row is final.
+        A write that fails (disk full, the database locked past its timeout) is logged and the
+        run goes on: its process is already running and its waiters must get their answer."""
+        with self._lock:
+            row = self._row(run, run.status if expires_at else run.shown_status(), expires_at, retention)
+            try:
+                self._db.execute(self._UPSERT, row)
+            except sqlite3.Error as e:
+                log.error("cannot record a run in the state store", extra={"fields": {
+                    "task_id": run.id, "state_dir": self.directory, "problem": str(e)}})
+
+    @staticmethod
+    def _row(run: Run, status: str, expires_at: float | None, retention: float | None) -> tuple:
+        ended = expires_at is not None
+        return (run.id, run.task.name, run.caller.name, run.client, status, run.exit_code if ended else -1,
+                run.created_at, run.started_at, run.finished_at if ended else None, run.duration,
+                bytes(run.stdout.data) if ended else None, bytes(run.stderr.data) if ended else None,
+                run.stdout.truncated, run.stderr.truncated, run.owner, run.pgid, run.proc_start,
+                run.task.retention_seconds if retention is None else retention, expires_at)
+
+    def _purge(self):
+        now = time.time()
+        with self._lock, contextlib.suppress(sqlite3.Error):  # retried on the next write
+            self._next_purge = time.monotonic() + self.PURGE_INTERVAL
+            self._db.execute("DELETE FROM runs WHERE expires_at <= ?", (now,))
+            crowded = self._db.execute("SELECT task FROM runs WHERE expires_at IS NOT NULL GROUP BY task "
+                                       "HAVING count(*) > ?", (MAX_RESULTS_KEPT,)).fetchall()
+            for (task,) in crowded:
+                self._db.execute("DELETE FROM runs WHERE task = ? AND expires_at IS NOT NULL AND seq NOT IN "
+                                 "(SELECT seq FROM runs WHERE task = ? AND expires_at IS NOT NULL "
+                                 "ORDER BY finished_at DESC LIMIT ?)", (task, task, MAX_RESULTS_KEPT))
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def query_one(self, sql: str, params=()):
+        with self._lock:
+            return self._db.execute(sql, params).fetchone()[0]
+
+    def query_all(self, sql: str, params=()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    def load(self, task: TaskSpec, run_id: str) -> Run | None:
+        """A kept run of ``task`` (output included), as a Run; None if unknown or expired."""
+        with self._lock:
+            row = self._db.execute(f"SELECT {', '.join(self._COLUMNS)} FROM runs WHERE id = ? AND task = ? "
+                                   "AND (expires_at IS NULL OR expires_at > ?)",
+                                   (run_id, task.name, time.time())).fetchone()
+        return row and self._as_run(task, dict(zip(self._COLUMNS, row)))
+
+    def newest_first(self, task: TaskSpec) -> list[Run]:
+        """The kept runs of ``task`` without their output, newest first."""
+        columns = [c for c in self._COLUMNS if c not in ("stdout", "stderr")]
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(columns)} FROM runs WHERE task = ? AND "
+                                    "(expires_at IS NULL OR expires_at > ?) ORDER BY created_at DESC LIMIT ?",
+                                    (task.name, time.time(), MAX_RESULTS_KEPT + MAX_RUNS_IN_FLIGHT)).fetchall()
+        return [self._as_run(task, dict(zip(columns, row))) for row in rows]
+
+    def ended_count(self, task_name: str) -> int:
+        with self._lock:
+            return self._db.execute("SELECT count(*) FROM runs WHERE task = ? AND expires_at > ?",
+                                    (task_name, time.time())).fetchone()[0]
+
+    @staticmethod
+    def _as_run(task: TaskSpec, row: dict) -> Run:
+        """A Run object for a row, so that every handler reads stored and live runs alike. A row
+        still going (another process's run) stays unpublished: it shows as queued or running."""
+        run = Run(task, Caller(row["caller"], "stored"), row["client"])
+        run.id, run.created_at, run.started_at = row["id"], row["created_at"], row["started_at"]
+        run.status, run.exit_code, run.duration = row["status"], row["exit_code"], row["duration"]
+        run.pgid, run.proc_start, run.owner = row["pgid"], row["proc_start"], row["owner"]
+        for name in ("stdout", "stderr"):
+            getattr(run, name).data[:] = row.get(name) or b""
+            getattr(run, name).truncated = bool(row[name + "_truncated"])
+        if row["expires_at"] is not None:
+            run.finished_at = row["finished_at"]
+            run.done.set()
+        return run
+
+    # -- crash recovery ----------------------------------------------------------------------
+
+    def recover_crashed(self, owner: int | None, reason: str) -> int:
+        """End the runs left going by a process that died (``owner``; None: every one, at start):
+        stop their process groups (TERM, then KILL after KILL_GRACE_SECONDS) where they are
+        still the same processes, and record them as ``failure`` (exit_code -1) with ``reason``
+        in stderr; a run that never started gets the never-started reason. Returns the count."""
+        where, params = ("expires_at IS NULL", ()) if owner is None else \
+            ("expires_at IS NULL AND owner = ?", (owner,))
+        with self._lock:
+            rows = self._db.execute(f"SELECT id, pgid, proc_start, started_at, retention FROM runs WHERE {where}",
+                                    params).fetchall()
+        groups = [pgid for _, pgid, start, _, _ in rows if pgid and _same_process_group(pgid, start)]
+        stop_process_groups(groups)
+        now = time.time()
+        with self._lock:
+            for run_id, pgid, _, started_at, retention in rows:
+                message = (reason if started_at is not None else NEVER_STARTED_REASON).encode()
+                self._db.execute("UPDATE runs SET status = 'failure', exit_code = -1, finished_at = ?, "
+                                 "duration = ?, stderr = ?, expires_at = ? WHERE id = ?",
+                                 (now, now - started_at if started_at else 0.0, message, now + retention, run_id))
+        if rows:
+            log.warning("runs of an ended server process recorded as failed", extra={"fields": {
+                "runs": len(rows), "groups_stopped": len(groups), "state_dir": self.directory}})
+            self.promote_all()  # their slots are free now
+        return len(rows)
+
+    def promote_all(self):
+        """Hand the free slots of every limited task to its line (see ConcurrencyLimit)."""
+        with self.transaction() as db:
+            granted = [row for task, limit in db.execute("SELECT task, max_running FROM limits").fetchall()
+                       for row in promote_queued(db, task, limit)]
+        self.grants.start(granted)
+
+
+def process_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (starttime, in clock ticks after boot), or None when
+    there is no such process. The command name (field 2) may hold spaces and parentheses, so
+    fields are counted after its closing one."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        text = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    if not text:
+        return None
+    return int(text[text.rindex(b")") + 2:].split()[19])
+
+
+def _same_process_group(pgid: int, proc_start: int | None) -> bool:
+    """Is group ``pgid`` still the one a run started? Its leader (pid == pgid) must have the
+    recorded start time. If the leader is gone, the id cannot have been reused: Linux never
+    gives a pid that is still some group's id to a new process, so members left in a group
+    with that id are the run's own (grandchildren that outlived it)."""
+    start = process_start_time(pgid)
+    return start is None or start == proc_start
+
+
+def stop_process_groups(groups: list[int]):
+    """SIGTERM each group, then SIGKILL those with members left after KILL_GRACE_SECONDS
+    (the same grace as a timeout: a task gets time to clean up)."""
+    for pgid in groups:
+        _killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + KILL_GRACE_SECONDS
+    while groups and time.monotonic() < deadline:
+        groups = [g for g in groups if _group_exists(g)]
+        time.sleep(0.05)
+    for pgid in groups:
+        _killpg(pgid, signal.SIGKILL)
+
+
+def _group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 class RunStore:
-    """The runs of one task: running ones, and finished ones for their retention time.
+    """The runs of one task: live ones (queued or running here) in memory, with their output
+    buffers and waiters; every run also in the StateStore, where ended ones are read from.
 
-    Finished runs expire in the order they finished (the retention is per task), so a deque of
-    expiry times makes purging O(1) per run. At most MAX_RESULTS_KEPT finished runs are kept."""
+    The retention is per task and applies to runs that end from now on."""
 
-    def __init__(self, retention: float):
+    def __init__(self, retention: float, store: StateStore):
         self.retention = retention
-        self._runs: dict[str, Run] = {}
-        self._expiry: collections.deque = collections.deque()  # (monotonic expiry, run id)
+        self.store = store
+        self._live: dict[str, Run] = {}
         self._lock = threading.Lock()
 
     def add(self, run: Run):
         with self._lock:
-            self._runs[run.id] = run
+            self._live[run.id] = run
 
     def discard(self, run: Run):
         with self._lock:
-            self._runs.pop(run.id, None)
+            self._live.pop(run.id, None)
 
     def finished(self, run: Run):
+        self.store.finish(run, self.retention)
         with self._lock:
-            self._expiry.append((time.monotonic() + self.retention, run.id))
-            self._purge()
+            self._live.pop(run.id, None)
 
-    def get(self, run_id: str) -> Run | None:
+    def get(self, task: TaskSpec, run_id: str) -> Run | None:
         with self._lock:
-            self._purge()
-            return self._runs.get(run_id)
+            run = self._live.get(run_id)
+        return run or self.store.load(task, run_id)
 
-    def _purge(self):
-        now = time.monotonic()
-        while self._expiry and (self._expiry[0][0] <= now or len(self._expiry) > MAX_RESULTS_KEPT):
-            _, run_id = self._expiry.popleft()
-            self._runs.pop(run_id, None)
-
-    def finished_count(self) -> int:
+    def live(self) -> list[Run]:
         with self._lock:
-            self._purge()
-            return len(self._expiry)
+            return list(self._live.values())
 
-    def newest_first(self) -> list[Run]:
+    def finished_count(self, task_name: str) -> int:
+        return self.store.ended_count(task_name)
+
+    def newest_first(self, task: TaskSpec) -> list[Run]:
         with self._lock:
-            self._purge()
-            return sorted(self._runs.values(), key=lambda r: r.created_at, reverse=True)
+            live = dict(self._live)
+        runs = {run.id: live.get(run.id, run) for run in self.store.newest_first(task)}
+        runs.update(live)
+        return sorted(runs.values(), key=lambda r: r.created_at, reverse=True)
 
 
 # =============================================================================================
@@ -2968,20 +3406,24 @@ class Headers:
     def get_all(self, name: str) -> list[str]:
         return self._values.get(name, [])
 
+    def items(self):
+        """(lower-cased name, values) pairs."""
+        return self._values.items()
+
 
 class TaskState:
     """The live state of a configured task: its limits and its kept runs."""
 
-    def __init__(self, task: TaskSpec):
+    def __init__(self, task: TaskSpec, store: StateStore):
         self.task = task
-        self.rate = RateLimiter(task.rate_limit)
-        self.slots = ConcurrencyLimit(task.max_concurrent, task.queue_size)
-        self.runs = RunStore(task.retention_seconds)
+        self.rate = RateLimiter(task.name, task.rate_limit, store)
+        self.slots = ConcurrencyLimit(task.name, task.max_concurrent, task.queue_size, store)
+        self.runs = RunStore(task.retention_seconds, store)
 
     def reconfigure(self, task: TaskSpec) -> TaskState:
         """Take a reloaded spec; kept runs, running executions and held slots stay."""
         if task.rate_limit != self.task.rate_limit:
-            self.rate = RateLimiter(task.rate_limit)
+            self.rate = RateLimiter(task.name, task.rate_limit, self.runs.store)
         self.slots.set_limits(task.max_concurrent, task.queue_size)
         self.runs.retention = task.retention_seconds  # applies to runs that end from now on
         self.task = task
@@ -2991,15 +3433,16 @@ class TaskState:
 class App:
     """Everything a request handler needs: config, credentials, task states, executor."""
 
-    def __init__(self, config: Config, keyring: KeyRing, metrics: Metrics):
+    def __init__(self, config: Config, keyring: KeyRing, metrics: Metrics, store: StateStore):
         self.config = config
+        self.store = store
         self.keyring = keyring
         self.metrics = metrics
         self.auth = Authenticator(config, keyring, metrics)
-        self.tasks = {name: TaskState(task) for name, task in config.tasks.items()}
+        self.tasks = {name: TaskState(task, store) for name, task in config.tasks.items()}
         self._dropped: dict[str, TaskState] = {}  # states of tasks a reload removed
         self.webhooks = config.webhook_index()
-        self.executor = Executor()
+        self.executor = Executor(on_spawn=store.save)
         self.started = time.monotonic()
         self.starting = self.auth.fetches_keys()  # until prepare_auth has run: /health/ready is 503
         self.draining = False
@@ -3020,7 +3463,7 @@ class App:
         auth = Authenticator(config, self.keyring, self.metrics)
         auth.prepare()
         known = self._dropped | self.tasks
-        tasks = {name: known[name].reconfigure(task) if name in known else TaskState(task)
+        tasks = {name: known[name].reconfigure(task) if name in known else TaskState(task, self.store)
                  for name, task in config.tasks.items()}
         self.metrics.configure(config, tasks)
         # A dropped task's state is kept: its running processes still hold slots and its runs
@@ -3039,7 +3482,7 @@ class App:
     def busy(self) -> bool:
         """Anything still to finish before the process may exit?"""
         return bool(self.inflight or self.executor.running or self.executor.pending_kills or
-                    any(s.slots.queued for s in self.tasks.values()))
+                    any(s.slots.waiting_here for s in self.tasks.values()))
 
     def launch(self, state: TaskState, run: Run, body: bytes, env: dict[str, str]):
         """Start the run's process; it must hold a concurrency slot, which is given back, its
@@ -3050,7 +3493,7 @@ class App:
 
     def cancel_queued(self, state: TaskState, run: Run) -> bool:
         """Take a run that waits for a slot out of the line; False if it has started."""
-        if run.launch is None or not state.slots.withdraw(run.launch):
+        if run.launch is None or not state.slots.withdraw(run):
             return False
         run.launch = None
         run.finish("cancelled", -1)
@@ -3454,7 +3897,7 @@ def authorize(h: RequestHandler, permission: str) -> Caller:
 
 def find_run(state: TaskState, run_id: str) -> Run:
     """An id that is not of the task-id form is simply unknown."""
-    run = state.runs.get(run_id) if TASK_ID_RE.fullmatch(run_id) else None
+    run = state.runs.get(state.task, run_id) if TASK_ID_RE.fullmatch(run_id) else None
     if run is None:
         raise Reject(404, "not_found", "No such run (unknown, or its result has expired).")
     return run
@@ -3578,7 +4021,7 @@ def start_when_admitted(state: TaskState, run: Run, start):
     if run.task.is_async:
         run.launch = start
         state.runs.add(run)  # before it can be granted, so that its end finds it stored
-        admission = state.slots.admit(start)
+        admission = state.slots.admit(run, start)
         if admission == "full":
             state.runs.discard(run)
             raise too_many_running(run.task)
@@ -3591,11 +4034,11 @@ def start_when_admitted(state: TaskState, run: Run, start):
 def wait_in_line(state: TaskState, run: Run, start):
     """A sync request starts now, or waits up to queueTimeoutSeconds for a slot (then 429)."""
     granted = threading.Event()
-    admission = state.slots.admit(granted.set)
+    admission = state.slots.admit(run, granted.set)
     if admission == "full":
         raise too_many_running(state.task)
     if admission == "queued" and not granted.wait(state.task.queue_timeout_seconds) \
-            and state.slots.withdraw(granted.set):
+            and state.slots.withdraw(run):
         raise too_many_running(state.task)
     state.runs.add(run)
     start()
@@ -3612,6 +4055,8 @@ def get_result(h: RequestHandler, name: str, run_id: str):
     state = task_state(h, name)
     authorize(h, f"tasks:read:{name}")
     run = find_run(state, run_id)
+    if forwarded_to_owner(h, run):
+        return
     wait = h.query.get("wait")
     if wait:
         try:
@@ -3629,7 +4074,9 @@ def get_events(h: RequestHandler, name: str, run_id: str):
     """GET /tasks/<name>/<id>/events: the run's output as Server-Sent Events."""
     state = task_state(h, name)
     authorize(h, f"tasks:read:{name}")
-    stream_events(h, find_run(state, run_id))
+    run = find_run(state, run_id)
+    if not forwarded_to_owner(h, run):
+        stream_events(h, run)
 
 
 def delete_run(h: RequestHandler, name: str, run_id: str):
@@ -3638,6 +4085,8 @@ def delete_run(h: RequestHandler, name: str, run_id: str):
     state = task_state(h, name)
     authorize(h, f"tasks:cancel:{name}")
     run = find_run(state, run_id)
+    if forwarded_to_owner(h, run):
+        return
     if not (h.app.cancel_queued(state, run) or h.app.executor.cancel(run)):
         raise Reject(409, "conflict", "The run has already ended.")
     run.done.wait(KILL_GRACE_SECONDS + 5)
@@ -3668,7 +4117,7 @@ def list_runs(h: RequestHandler, name: str):
     """GET /tasks/<name>: the task's kept runs, newest first."""
     state = task_state(h, name)
     authorize(h, f"tasks:list:{name}")
-    h.send_json(200, {"task": name, "runs": [run.summary() for run in state.runs.newest_first()]})
+    h.send_json(200, {"task": name, "runs": [run.summary() for run in state.runs.newest_first(state.task)]})
 
 
 def get_health(h: RequestHandler):
@@ -3689,7 +4138,7 @@ def get_ready(h: RequestHandler):
 def get_health_detailed(h: RequestHandler):
     tasks = {}
     for name, state in h.app.tasks.items():
-        kept = state.runs.finished_count()
+        kept = state.runs.finished_count(name)
         tasks[name] = {"running": state.slots.running, "queued": state.slots.queued, "results_kept": kept}
     status = "draining" if h.app.draining else "starting" if h.app.starting else "healthy"
     h.send_json(200, {"status": status, "version": __version__,
@@ -3962,13 +4411,13 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, address, handler, app: App, tls=None, trusted_proxies=(),
-                 max_connections=MAX_CONNECTIONS, per_address=None):
+                 max_connections=MAX_CONNECTIONS, per_address=None, bind_and_activate=True):
         self.app = app
         self.tls = tls  # ssl.SSLContext (SIGHUP may replace it); the handshake happens in the connection's own thread
         self.trusted_proxies = trusted_proxies  # ipaddress networks whose X-Forwarded-For counts
         self.watchdog = ReadWatchdog()
         self.limit = ConnectionLimit("API", max_connections, per_address or connection_share(max_connections))
-        super().__init__(address, handler)
+        super().__init__(address, handler, bind_and_activate)
 
     def get_request(self):
         return self.limit.accept(super().get_request)
@@ -4005,10 +4454,354 @@ def _refuse_connection(sock):
         sock.close()
 
 
-def make_server(address: tuple[str, int], app: App, tls=None, trusted_proxies=(),
+def make_server(address: tuple[str, int], app: App, tls=None, trusted_proxies=(), sock=None,
                 max_connections=MAX_CONNECTIONS, per_address=None) -> Server:
+    """The API server, bound to ``address``, or serving ``sock`` (a worker's inherited
+    listener, shared with the other workers: non-blocking, so that a worker that loses the
+    race for a connection returns to its loop instead of blocking in accept)."""
     handler = type("BoundRequestHandler", (RequestHandler,), {"app": app})
-    return Server(address, handler, app, tls, trusted_proxies, max_connections, per_address)
+    if sock is None:
+        return Server(address, handler, app, tls, trusted_proxies, max_connections, per_address)
+    server = Server(address, handler, app, tls, trusted_proxies, max_connections, per_address,
+                    bind_and_activate=False)
+    server.socket.close()
+    sock.setblocking(False)
+    server.socket, server.server_address = sock, sock.getsockname()
+    return server
+
+
+# =============================================================================================
+# Workers (supervisor, shared counters)
+# =============================================================================================
+
+MAX_WORKERS = 256
+QUICK_DEATH_SECONDS = 5.0  # a worker dying sooner than this after its start died "at start-up"
+MAX_QUICK_DEATHS = 5  # that many in a row: the supervisor gives up (exit 1) instead of looping
+SUPERVISOR_CHECK_SECONDS = 0.5  # how often a worker checks that its supervisor still lives
+WORKER_START_SECONDS = 30.0  # the longest the supervisor waits for its first workers to serve
+
+
+def parse_workers(text: str) -> int:
+    """--workers: a count, or ``auto`` (the CPUs this process may run on)."""
+    if text == "auto":
+        return len(os.sched_getaffinity(0))
+    if text.isdigit() and 1 <= int(text) <= MAX_WORKERS:
+        return int(text)
+    raise ConfigError(f"--workers {text!r} must be a number from 1 to {MAX_WORKERS}, or auto")
+
+
+def bind_listener(address: tuple[str, int]) -> socket.socket:
+    """The API's listening socket, made as the single-process Server makes its own."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(Server.request_queue_size)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class Supervisor:
+    """``run --workers N`` (N > 1): one supervising process and N worker processes that serve
+    the API on the listening socket the supervisor bound and passed on.
+
+    - Start-up fails as the single server's does: signal handlers first, then config and keys
+      validated, the state directory taken (lock, crash recovery), the listeners bound; only
+      then are workers started, each re-executing rtask.py (``_worker``): never a fork of this
+      process, whose threads (metrics) a fork would copy in an unknown state.
+    - SIGHUP: the config is validated here, then the signal goes to every worker (each
+      reloads config and keys); an invalid config is logged and not passed on.
+    - SIGTERM/SIGINT: every worker gets SIGTERM, drains, and exits; then the supervisor exits 0.
+    - A worker that dies unexpectedly is logged, its runs' process groups are stopped (if still
+      the same processes) and those runs recorded as ``failure`` with the reason, and a new
+      worker takes its place. After MAX_QUICK_DEATHS deaths in a row at start-up, exit 1.
+    - Workers watch this process (``watch_supervisor``): a kill -9 of the supervisor leaves
+      no worker and no run behind, and frees the port."""
+
+    def __init__(self, args, count: int):
+        self.args, self.count = args, count
+        self.workers: dict[int, tuple] = {}  # pid → (Popen, monotonic start)
+        self.quick_deaths = 0
+        self.listener: socket.socket | None = None
+        self.store: StateStore | None = None
+        self.metrics_server = None  # the metrics listener (SIGHUP re-reads its TLS pair)
+
+    def run(self) -> int:
+        signals: collections.deque = collections.deque()
+        wake = threading.Event()
+
+        def on_signal(signum, frame):
+            signals.append(signum)
+            wake.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, on_signal)
+        config, keys = self._validated_config()
+        args = self.args
+        warn_if_keys_missing(args, config)
+        api = parse_address(args.api_address, "--api-address")
+        metrics_address = parse_address(args.metrics_address, "--metrics-address")
+        tls = tls_context(args.tls_cert, args.tls_key)
+        parse_networks(args.trusted_proxy, "--trusted-proxy")
+        self.store = StateStore.open_exclusive(state_directory(args))
+        # Sockets left by the workers of a server that was killed: their pids may come back.
+        shutil.rmtree(os.path.dirname(worker_socket_path(self.store.directory, 0)), ignore_errors=True)
+        self.listener = listen(args.api_address, lambda: bind_listener(api))
+        self.task_names = list(config.tasks)
+        registry = self._metrics_registry()
+        self.metrics_server = listen(args.metrics_address, lambda: start_metrics_server(
+            *metrics_address, None, args.tls_cert, args.tls_key, registry))
+        for _ in range(self.count):
+            self._start_worker()
+        self._wait_until_serving()
+        log.info("rtask listening", extra={"fields": {
+            "api": f"{'https' if tls else 'http'}://{api[0]}:{self.listener.getsockname()[1]}",
+            "metrics": f"{metrics_address[0]}:{self.metrics_server.server_address[1]}", "tasks": len(config.tasks),
+            "keys": len(keys),
+            "workers": self.count}})
+        while True:
+            wake.wait(0.25)
+            wake.clear()
+            while signals:
+                if signals.popleft() == signal.SIGHUP:
+                    self._reload()
+                else:
+                    return self._stop()
+            if not self._replace_dead_workers():
+                self._stop()
+                return 1
+
+    def _metrics_registry(self):
+        """The supervisor's /metrics: the workers' values summed from their files
+        (``<state dir>/metrics``, emptied at start: the values of a previous server are not
+        this one's), the queue lengths from the state store, and this process's process and
+        platform collectors."""
+        from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+        from prometheus_client.multiprocess import MultiProcessCollector
+        self.metrics_dir = os.path.join(self.store.directory, "metrics")
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        os.makedirs(self.metrics_dir, mode=0o700)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.metrics_dir)
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        registry.register(QueueLengths(self))
+        return registry
+
+    def _wait_until_serving(self):
+        """Until every worker serves (its Unix socket exists: config and keys loaded), one
+        has died (the main loop replaces it), or WORKER_START_SECONDS have passed. Only then
+        is "rtask listening" logged, so that a key added after that line is in every worker."""
+        deadline = time.monotonic() + WORKER_START_SECONDS
+        while time.monotonic() < deadline:
+            if any(proc.poll() is not None for proc, _ in self.workers.values()) or all(
+                    os.path.exists(worker_socket_path(self.store.directory, pid)) for pid in self.workers):
+                return
+            time.sleep(0.02)
+
+    def _validated_config(self):
+        config, keys, problems = load_everything(self.args)
+        for warning in problems.warnings:
+            log.warning(warning)
+        problems.raise_if_errors()
+        return config, keys
+
+    def _start_worker(self):
+        import subprocess
+        args = self.args
+        argv = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--api-keys-file",
+                args.api_keys_file, "--log-format", args.log_format, "_worker", "--listen-fd",
+                str(self.listener.fileno()), "--state-dir", self.store.directory,
+                "--api-address", args.api_address, "--metrics-address", args.metrics_address]
+        if args.tls_cert:
+            argv += ["--tls-cert", args.tls_cert, "--tls-key", args.tls_key]
+        for proxy in args.trusted_proxy:
+            argv += ["--trusted-proxy", proxy]
+        argv += ["--max-connections", str(args.max_connections)]
+        if args.max_connections_per_address:
+            argv += ["--max-connections-per-address", str(args.max_connections_per_address)]
+        proc = subprocess.Popen(argv, pass_fds=[self.listener.fileno()], env=self._worker_environment())
+        self.workers[proc.pid] = (proc, time.monotonic())
+
+    def _worker_environment(self) -> dict[str, str]:
+        return {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir}
+
+    def _replace_dead_workers(self) -> bool:
+        """Restart each worker that died; False when workers keep dying at start-up."""
+        for pid, (proc, started) in list(self.workers.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del self.workers[pid]
+            how = f"signal {-code}" if code < 0 else f"exit status {code}"
+            log.error("worker died; starting another", extra={"fields": {"pid": pid, "how": how}})
+            self.worker_ended(pid, f"rtask: the worker process running this task died ({how})")
+            quick = time.monotonic() - started < QUICK_DEATH_SECONDS
+            self.quick_deaths = self.quick_deaths + 1 if quick else 0
+            if self.quick_deaths >= MAX_QUICK_DEATHS:
+                log.error("workers keep dying at start-up; giving up", extra={"fields": {"deaths": self.quick_deaths}})
+                return False
+            if quick:
+                time.sleep(min(0.2 * 2 ** self.quick_deaths, 5.0))  # back off a crash loop
+            self._start_worker()
+        return True
+
+    def worker_ended(self, pid: int, reason: str):
+        """Everything a dead worker held: its runs (groups stopped, recorded as failed, their
+        slots passed on) and its live metric files."""
+        from prometheus_client import multiprocess
+        self.store.recover_crashed(pid, reason)
+        multiprocess.mark_process_dead(pid, self.metrics_dir)
+        self._remove_socket(pid)
+
+    def _remove_socket(self, pid: int):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(worker_socket_path(self.store.directory, pid))
+
+    def _reload(self):
+        log.info("SIGHUP: validating the configuration before passing it on to the workers")
+        try:
+            self.task_names = list(self._validated_config()[0].tasks)
+        except ConfigError as e:
+            log.error("reload failed; the previous configuration stays in force", extra={"fields": {"problem": str(e)}})
+            return
+        reload_tls(self.args, None, self.metrics_server)  # the workers read it for the API
+        for proc, _ in self.workers.values():
+            proc.send_signal(signal.SIGHUP)
+
+    def _stop(self) -> int:
+        """SIGTERM every worker and wait until all have drained and exited."""
+        log.info("shutting down: the workers finish their running tasks")
+        self.listener.close()  # the workers' copies close as each one starts draining
+        for proc, _ in self.workers.values():
+            proc.send_signal(signal.SIGTERM)
+        for pid, (proc, _) in self.workers.items():
+            if proc.wait() != 0:
+                self.worker_ended(pid, "rtask: the worker process running this task did not drain cleanly")
+            self._remove_socket(pid)
+        log.info("stopped")
+        return 0
+
+
+class QueueLengths:
+    """task_queue_length for the supervisor's /metrics: the runs waiting in line in every
+    worker, read from the state store (a callback gauge cannot cross processes)."""
+
+    def __init__(self, supervisor: Supervisor):
+        self.supervisor = supervisor
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+        family = GaugeMetricFamily("task_queue_length", "Requests waiting for a concurrency slot.", labels=["handler"])
+        counts = dict(self.supervisor.store.query_all(
+            "SELECT task, count(*) FROM runs WHERE status = 'queued' AND expires_at IS NULL GROUP BY task"))
+        for name in self.supervisor.task_names:
+            family.add_metric([name], counts.get(name, 0))
+        yield family
+
+    def describe(self):
+        return []
+
+
+def watch_supervisor(supervisor: int, state_dir: str):
+    """A worker's guard against becoming an orphan: once its supervisor is gone (kill -9),
+    stop this worker's runs (their groups, recorded as failed) and exit, so that nothing runs
+    unsupervised and the listening port is freed."""
+    def watch():
+        while os.getppid() == supervisor:
+            time.sleep(SUPERVISOR_CHECK_SECONDS)
+        StateStore(state_dir).recover_crashed(
+            os.getpid(), "rtask: the supervisor of the worker running this task died")
+        os._exit(1)
+    threading.Thread(target=watch, name="rtask-supervisor-watch", daemon=True).start()
+
+
+# -- any worker answers: forwarding to the worker that runs the run ---------------------------
+
+# The caller's address as the first worker resolved it (--trusted-proxy included), for the
+# owner's allowedNetworks check and logs. Believed only on the workers' Unix sockets (mode
+# 0600, reachable by the server's own user), and replaced there on every forwarded request.
+FORWARDED_CLIENT_HEADER = "X-Rtask-Client"
+FORWARD_TIMEOUT = MAX_LONG_POLL_SECONDS + SSE_HEARTBEAT_SECONDS + 15  # silence from the owner's answer
+
+
+def worker_socket_path(state_dir: str, pid: int) -> str:
+    return os.path.join(state_dir, "workers", f"{pid}.sock")
+
+
+def forwarded_to_owner(h: RequestHandler, run: Run) -> bool:
+    """Answer a request about a run that is live in another worker by that worker: the
+    request (line, headers, ``Connection: close``, no body) goes to its Unix socket and the
+    answer's bytes come back as they arrive (so an event stream stays live). False when the
+    run is this worker's, has ended (the store answers), or its owner is gone (the store
+    answers from the run's row until the supervisor records its end)."""
+    if run.done.is_set() or run.owner == os.getpid() or getattr(h, "forwarded", False):
+        return False
+    upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    upstream.settimeout(FORWARD_TIMEOUT)
+    try:
+        upstream.connect(worker_socket_path(h.app.store.directory, run.owner))
+    except OSError:
+        upstream.close()
+        return False
+    with upstream:
+        h.discard_body()
+        h.close_connection = True
+        target = h.path + ("?" + urlencode(h.query, doseq=True) if h.query else "")
+        head = [f"{h.command} {quote(target, safe='/?=&')} HTTP/1.1", f"{FORWARDED_CLIENT_HEADER}: {h.client()}"]
+        head += [f"{name}: {value}" for name, values in h.headers.items()
+                 if name not in ("connection", "content-length", "transfer-encoding", FORWARDED_CLIENT_HEADER.lower())
+                 for value in values]
+        try:
+            # Header values are the client's bytes (read as UTF-8 with surrogateescape): sent back as they came.
+            upstream.sendall(("\r\n".join(head) + "\r\nConnection: close\r\n\r\n").encode("utf-8", "surrogateescape"))
+            while chunk := upstream.recv(READ_CHUNK):
+                h.wfile.write(chunk)
+        except OSError as e:  # the owner died mid-answer, or the client left: the connection ends
+            log.debug("forwarded answer cut off", extra={"fields": {"owner": run.owner, "problem": str(e)}})
+    return True
+
+
+class _ForwardedRequestHandler(RequestHandler):
+    """A request that another worker forwarded over this worker's Unix socket: no TCP, no
+    TLS, and never forwarded again."""
+
+    forwarded = True
+
+    def client(self) -> str:
+        return self.headers.get(FORWARDED_CLIENT_HEADER.lower()) or "worker"
+
+    def setup(self):
+        self.request.settimeout(SOCKET_WRITE_TIMEOUT)
+        self.handshake_failed = False
+        BaseHTTPRequestHandler.setup(self)
+
+
+class _ForwardingListener(Server):
+    """The API on ``<state dir>/workers/<pid>.sock`` (mode 0600) for the other workers."""
+
+    def get_request(self):
+        request, _ = self.socket.accept()
+        return request, ("worker", 0)  # the peer of a Unix socket has no address
+
+
+def serve_forwarded_requests(app: App):
+    """Start this worker's Unix listener (the supervisor removes it when the worker ends)."""
+    path = worker_socket_path(app.store.directory, os.getpid())
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # a dead worker's, whose pid this one got
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(Server.request_queue_size)
+    handler = type("BoundForwardedRequestHandler", (_ForwardedRequestHandler,), {"app": app})
+    server = _ForwardingListener(path, handler, app, bind_and_activate=False)
+    server.socket.close()
+    server.socket = sock
+    threading.Thread(target=server.serve_forever, name="rtask-forwarded", daemon=True).start()
 
 
 # =============================================================================================
@@ -4021,16 +4814,21 @@ class Metrics:
     platform collectors stay on).
 
     prometheus_client gives one bucket set per metric, but each task may configure its own
-    (durationHistogramBuckets), so task_duration_seconds is kept here and exposed by
-    ``collect``; the rest are the client library's own types."""
+    (durationHistogramBuckets), so task_duration_seconds is one client Histogram per bucket set,
+    outside any registry, exposed as one family by ``collect``; the rest are the client
+    library's own types. In a worker (PROMETHEUS_MULTIPROC_DIR set by the supervisor) every
+    value lives in the directory's files, which the supervisor's MultiProcessCollector sums
+    (its labels keep each task's buckets apart); the queue gauge is then the supervisor's
+    (QueueLengths), read from the state store."""
 
     DEFAULT_BUCKETS = (.005, .01, .025, .05, .075, .1, .25, .5, .75, 1.0, 2.5, 5.0, 7.5, 10.0)
 
     def __init__(self):
         from prometheus_client import Counter, Gauge, Histogram
         self._buckets: dict[str, tuple[float, ...]] = {}
-        self._series: dict[tuple[str, str, str], list] = {}  # labels → [bucket counts, sum, count]
+        self._durations: dict[tuple[float, ...], Histogram] = {}  # bucket set → its histogram
         self._lock = threading.Lock()
+        self.in_worker = "PROMETHEUS_MULTIPROC_DIR" in os.environ
         self.rejections = Counter("task_rejection_total", "Requests refused before running, by reason.",
                                   ["handler", "reason"])
         self.queue_length = Gauge("task_queue_length", "Requests waiting for a concurrency slot.", ["handler"])
@@ -4045,16 +4843,17 @@ class Metrics:
     def observe_run(self, run: Run):
         buckets = self._buckets.get(run.task.name, self.DEFAULT_BUCKETS)
         status = run.status if run.status in ("success", "timeout") else "failure"
-        key = (run.task.name, run.caller.name, status)
+        self._duration_histogram(buckets).labels(run.task.name, run.caller.name, status).observe(run.duration)
+
+    def _duration_histogram(self, buckets: tuple[float, ...]):
+        from prometheus_client import Histogram
         with self._lock:
-            series = self._series.get(key)
-            if series is None:
-                series = self._series[key] = [[0] * len(buckets), 0.0, 0]
-            for i, bound in enumerate(buckets):
-                if run.duration <= bound:
-                    series[0][i] += 1
-            series[1] += run.duration
-            series[2] += 1
+            histogram = self._durations.get(buckets)
+            if histogram is None:
+                histogram = self._durations[buckets] = Histogram(
+                    "task_duration_seconds", "Duration of task executions.", ["handler", "api_key_used", "status"],
+                    buckets=buckets, registry=None)
+            return histogram
 
     def count_rejection(self, task: str, reason: str):
         self.rejections.labels(task, reason).inc()
@@ -4075,8 +4874,14 @@ class Metrics:
         changed starts new series (old counts in other buckets cannot be carried over)."""
         buckets = {name: t.histogram_buckets or self.DEFAULT_BUCKETS for name, t in config.tasks.items()}
         with self._lock:
-            self._series = {k: v for k, v in self._series.items() if buckets.get(k[0]) == self._buckets.get(k[0])}
+            changed = {name for name in self._buckets if buckets.get(name) != self._buckets[name]}
             self._buckets = buckets
+            histograms = list(self._durations.values())
+        for histogram in histograms:
+            for labels in [k for k in histogram._metrics if k[0] in changed]:
+                histogram.remove(*labels)
+        if self.in_worker:
+            return
         for name in set(self._queue_gauges) - set(states):
             self.queue_length.remove(name)
         self._queue_gauges = set(states)
@@ -4120,32 +4925,31 @@ class Metrics:
         return names
 
     def collect(self):
+        """task_duration_seconds: the samples of every bucket set's histogram, one family."""
         from prometheus_client.core import HistogramMetricFamily
         family = HistogramMetricFamily("task_duration_seconds", "Duration of task executions.",
                                        labels=["handler", "api_key_used", "status"])
         with self._lock:
-            snapshot = [(k, list(v[0]), v[1], v[2]) for k, v in self._series.items()]
-        for labels, counts, total, count in snapshot:
-            bounds = self._buckets.get(labels[0], self.DEFAULT_BUCKETS)
-            buckets = [(_le(b), c) for b, c in zip(bounds, counts)] + [("+Inf", count)]
-            family.add_metric(list(labels), buckets, total)
+            histograms = list(self._durations.values())
+        for histogram in histograms:
+            for metric in histogram.collect():
+                family.samples.extend(metric.samples)
         yield family
 
     def describe(self):
         return []
 
 
-def _le(bound: float) -> str:
-    return str(int(bound)) + ".0" if bound == int(bound) else repr(bound)
-
-
-def start_metrics_server(host: str, port: int, metrics: Metrics, cert=None, key=None):
+def start_metrics_server(host: str, port: int, metrics: Metrics | None, cert=None, key=None, registry=None):
     """Serve /metrics with the client library's own server (HTTPS with the API's certificate
     when given; its default context allows TLS 1.2 or newer); returns that server (its
-    ``server_address`` holds the bound port)."""
+    ``server_address`` holds the bound port). The registry is the default one with
+    ``metrics``, or the supervisor's ``registry``."""
     from prometheus_client import REGISTRY, start_http_server
-    REGISTRY.register(metrics)
-    httpd, _ = start_http_server(port, addr=host, certfile=cert, keyfile=key)
+    if registry is None:
+        registry = REGISTRY
+        registry.register(metrics)
+    httpd, _ = start_http_server(port, addr=host, certfile=cert, keyfile=key, registry=registry)
     _bound_connections(httpd)
     _answer_head_like_get(httpd)
     if cert:
@@ -4306,6 +5110,21 @@ def load_everything(args) -> tuple[Config, dict[str, StoredKey], Problems]:
 
 
 def cmd_run(args) -> int:
+    workers = parse_workers(args.workers)
+    if workers > 1:
+        return Supervisor(args, workers).run()
+    return serve(args)
+
+
+def cmd_worker(args) -> int:
+    """The hidden ``_worker`` command: one of the supervisor's workers (see Supervisor)."""
+    watch_supervisor(os.getppid(), state_directory(args))
+    return serve(args, socket.socket(fileno=args.listen_fd))
+
+
+def serve(args, sock=None) -> int:
+    """Serve the API until SIGTERM/SIGINT: alone (binding the listener, serving metrics,
+    owning the state directory), or as a worker on the supervisor's listener ``sock``."""
     config, keys, problems = load_everything(args)
     for warning in problems.warnings:
         log.warning(warning)
@@ -4315,10 +5134,10 @@ def cmd_run(args) -> int:
     tls = tls_context(args.tls_cert, args.tls_key)
     trusted_proxies = parse_networks(args.trusted_proxy, "--trusted-proxy")
     metrics = Metrics()
-    app = App(config, KeyRing(args.api_keys_file, keys), metrics)
-    if not os.path.exists(args.api_keys_file) and (config.auth.key_permissions or
-                                                   any(t.api_key_names for t in config.tasks.values())):
-        app.keyring.warn_missing()
+    store = StateStore(state_directory(args)) if sock else StateStore.open_exclusive(state_directory(args))
+    app = App(config, KeyRing(args.api_keys_file, keys, Argon2Slots(store.directory)), metrics, store)
+    if sock is None:
+        warn_if_keys_missing(args, config)
     # Signals are caught before any listener is bound: a SIGHUP sent as soon as the port
     # answers must reload, not kill (its default action). They wait in line until the loop below.
     signals: collections.deque = collections.deque()
@@ -4330,18 +5149,23 @@ def cmd_run(args) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    server = listen(args.api_address, lambda: make_server(api, app, tls, trusted_proxies, args.max_connections,
+    server = listen(args.api_address, lambda: make_server(api, app, tls, trusted_proxies, sock, args.max_connections,
                                                           args.max_connections_per_address))
-    metrics_server = listen(args.metrics_address,
-                            lambda: start_metrics_server(*metrics_address, metrics, args.tls_cert, args.tls_key))
-    metrics_port = metrics_server.server_address[1]
+    metrics_server = None if sock else listen(
+        args.metrics_address, lambda: start_metrics_server(*metrics_address, metrics, args.tls_cert, args.tls_key))
     gc.freeze()  # start-up objects never become garbage; keep them out of every collection
+    if sock is not None:
+        serve_forwarded_requests(app)
     if not start_thread(server.serve_forever, "rtask-accept"):
         raise ConfigError("cannot start the thread that accepts connections; check the process limit "
                           "(ulimit -u, systemd TasksMax)")
-    log.info("rtask listening", extra={"fields": {
-        "api": f"{'https' if tls else 'http'}://{api[0]}:{server.server_address[1]}",
-        "metrics": f"{metrics_address[0]}:{metrics_port}", "tasks": len(config.tasks), "keys": len(keys)}})
+    if sock is None:
+        log.info("rtask listening", extra={"fields": {
+            "api": f"{'https' if tls else 'http'}://{api[0]}:{server.server_address[1]}",
+            "metrics": f"{metrics_address[0]}:{metrics_server.server_address[1]}", "tasks": len(config.tasks),
+            "keys": len(keys)}})
+    else:
+        log.debug("worker serving", extra={"fields": {"pid": os.getpid()}})
     if app.starting and not start_thread(app.prepare_auth, "rtask-prepare"):
         app.prepare_auth()  # here, then: signals wait until it is done (at most the JWKS timeout)
     while True:
@@ -4367,6 +5191,9 @@ def start_thread(target, name: str) -> bool:
         log.warning("cannot start a thread", extra={"fields": {"thread": name, "problem": str(e)}})
         return False
     return True
+def state_directory(args) -> str:
+    """--state-dir, by default ``rtask-state`` next to the config file."""
+    return args.state_dir or os.path.join(os.path.dirname(os.path.abspath(args.config)), "rtask-state")
 
 
 def listen(address: str, start):
@@ -4393,20 +5220,23 @@ def tls_context(cert: str | None, key: str | None):
     return context
 
 
-def reload_tls(args, server: Server, metrics_server):
+def reload_tls(args, server: Server | None, metrics_server):
     """SIGHUP: read the certificate and key again (a renewed certificate), for the connections
-    that come next on both listeners. A pair that cannot be used is reported and the pair in
-    use stays."""
+    that come next on the listeners this process serves (a worker serves only the API, its
+    supervisor only the metrics). A pair that cannot be used is reported and the pair in use
+    stays."""
     if not args.tls_cert:
         return
     try:
         context = tls_context(args.tls_cert, args.tls_key)
-        reload_metrics_tls(metrics_server, args.tls_cert, args.tls_key)
+        if metrics_server:
+            reload_metrics_tls(metrics_server, args.tls_cert, args.tls_key)
     except (ConfigError, OSError, ValueError) as e:  # ssl.SSLError is an OSError
         log.error("TLS certificate reload failed; the previous certificate stays in use",
                   extra={"fields": {"problem": str(e)}})
         return
-    server.tls = context
+    if server:
+        server.tls = context
     log.info("TLS certificate reloaded", extra={"fields": {"cert": args.tls_cert}})
 
 
@@ -4436,7 +5266,7 @@ def drain(server: Server, app: App):
     server.shutdown()
     server.server_close()
     for state in app.tasks.values():
-        for run in state.runs.newest_first():
+        for run in state.runs.live():
             app.cancel_queued(state, run)
     longest = max((t.timeout_seconds + t.queue_timeout_seconds for t in app.config.tasks.values()), default=0)
     deadline = time.monotonic() + longest + KILL_GRACE_SECONDS + 1
@@ -4880,6 +5710,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"open API connections at most (default {MAX_CONNECTIONS})")
     run.add_argument("--max-connections-per-address", type=_positive_integer, metavar="N",
                      help="API connections one client address may hold (default a quarter of --max-connections)")
+    run.add_argument("--state-dir", metavar="PATH",
+                     help="kept results and crash-recovery records (default: rtask-state next to the config)")
+    run.add_argument("--workers", default="1", metavar="N|auto",
+                     help="API processes sharing the listener (default 1; auto: one per usable CPU)")
+    worker = sub.add_parser("_worker")  # no help: hidden; started by the supervisor (see Supervisor)
+    add_globals(worker, lambda d: argparse.SUPPRESS)
+    worker.set_defaults(func=cmd_worker)
+    for action in run._actions:  # the worker takes run's own options (as the supervisor got them)
+        if action.dest not in ("help", "config", "api_keys_file", "log_format", "workers"):
+            worker._add_action(action)
+    worker.add_argument("--listen-fd", type=int, required=True)
     command("add-key", cmd_add_key, "create a key and print it once").add_argument("name")
     command("list-keys", cmd_list_keys, "list key names and ids (never secrets)")
     command("remove-key", cmd_remove_key, "revoke a key").add_argument("name")

@@ -9202,3 +9202,429 @@ def test_readme_systemd_unit_passes_systemd_analyze_verify(tmp_path):
                       "PrivateDevices", "ProtectKernelLogs", "ProtectClock", "RestrictNamespaces",
                       "SystemCallArchitectures", "UMask", "KillMode", "ExecReload"):
         assert hardening in names, hardening
+
+
+# =============================================================================================
+# Workers and the durable state (SPEC §14): results across restarts, crash recovery
+# =============================================================================================
+
+_WK_CONFIG = """
+[tasks.echo]
+command = ["/bin/echo", "hi"]
+apiKeyNames = ["ci"]
+
+[tasks.later]
+command = ["/bin/sh", "-c", "echo started; exec sleep 60"]
+apiKeyNames = ["ci"]
+async = true
+asyncResultRetentionSeconds = 300
+"""
+
+
+@pytest.fixture
+def wk_start(tmp_path):
+    """wk_start(config_text=None, run_args=(), keys=("ci",)) → (server, tokens): like
+    start_server, with options after ``run`` (--workers, --state-dir); may be called again in
+    one test (a restart on the same directory) and stops every server it started."""
+    servers, tokens = [], {}
+
+    def start(config_text=None, run_args=(), keys=("ci",)):
+        if config_text is not None:
+            (tmp_path / "config.toml").write_text(textwrap.dedent(config_text))
+        for name in keys:
+            if name not in tokens:
+                tokens[name] = new_key(tmp_path, name)
+        server = _IgServer(tmp_path, run_args=run_args)
+        servers.append(server)
+        return server, tokens
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def _wk_group_alive(pgid: int) -> bool:
+    """Any process (not a zombie) left in process group ``pgid``?"""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                text = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = text[text.rindex(")") + 2:].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+    return False
+
+
+def _wk_pgid_of_run(run_id) -> int:
+    """The process group of a run, found through its environment (RTASK_TASK_ID)."""
+    def find():
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    environ = Path(f"/proc/{entry}/environ").read_bytes()
+                except OSError:
+                    continue
+                if f"RTASK_TASK_ID={run_id}".encode() in environ.split(b"\0"):
+                    return os.getpgid(int(entry))
+        return None
+    return wait_for(find, timeout=10)
+
+
+def test_results_and_listing_survive_a_restart(wk_start, tmp_path):
+    """A finished result stays readable and listed after SIGTERM and a new start on the same
+    state directory (default: rtask-state next to config.toml, mode 0700)."""
+    server, tokens = wk_start(_WK_CONFIG)
+    key = tokens["ci"]
+    first = server.post("echo", key=key).json
+    assert first["status"] == "success"
+    assert server.stop() == 0
+    server, _ = wk_start()
+    again = server.get(f"/tasks/echo/{first['task_id']}", key=key)
+    assert again.status == 200 and again.json == first
+    listed = server.get("/tasks/echo", key=key).json["runs"]
+    assert [r["task_id"] for r in listed] == [first["task_id"]]
+    assert server.get(f"/tasks/echo/{first['task_id']}/events", key=key,
+                      headers={"Accept": "text/event-stream"}).body.count(b"event: result") == 1
+    assert stat.S_IMODE((tmp_path / "rtask-state").stat().st_mode) == 0o700
+
+
+def test_a_second_server_on_the_same_state_dir_is_refused(wk_start, tmp_path):
+    server, _ = wk_start(_WK_CONFIG)
+    out = rtask_cli("run", "--api-address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0",
+                    cwd=tmp_path, timeout=30)
+    assert out.returncode == 1
+    assert "in use by another rtask server" in out.stderr and str(tmp_path / "rtask-state") in out.stderr
+    assert "Traceback" not in out.stderr
+    assert server.proc.poll() is None  # the first one serves on
+
+
+def test_a_killed_server_leaves_no_run_unsupervised(wk_start, tmp_path):
+    """kill -9 of the server: the next server on the state directory stops the run's process
+    group (TERM, then KILL) and records the run as failure with the reason in stderr."""
+    server, tokens = wk_start(_WK_CONFIG, run_args=("--state-dir", str(tmp_path / "st")))
+    key = tokens["ci"]
+    run_id = server.post("later", key=key).json["task_id"]
+    pgid = _wk_pgid_of_run(run_id)
+    server.proc.kill()
+    server.proc.wait()
+    assert _wk_group_alive(pgid)  # nothing stopped it yet
+    server, _ = wk_start(run_args=("--state-dir", str(tmp_path / "st")))
+    wait_for(lambda: not _wk_group_alive(pgid), timeout=10)
+    result = server.get(f"/tasks/later/{run_id}", key=key).json
+    assert (result["status"], result["exit_code"]) == ("failure", -1)
+    assert "ended unexpectedly" in result["stderr"]
+    assert "recorded as failed" in server.log()
+
+
+_WK_MANY = """
+[tasks.echo]
+command = ["/bin/echo", "hi"]
+apiKeyNames = ["ci"]
+
+[tasks.rare]
+command = ["/bin/echo", "rare"]
+apiKeyNames = ["ci"]
+rateLimit = 0.05
+
+[tasks.single]
+command = ["/bin/sh", "-c", "sleep 1.5; echo ran"]
+apiKeyNames = ["ci"]
+maxConcurrentTasks = 1
+
+[tasks.line]
+command = ["/bin/sh", "-c", "echo \\"$REQUEST_HEADER_X_ORDER\\" >> order.log; sleep 2.5"]
+apiKeyNames = ["ci"]
+maxConcurrentTasks = 1
+queueSize = 3
+queueTimeoutSeconds = 30
+passRequestHeaders = ["X-Order"]
+
+[tasks.brief]
+command = ["/bin/sh", "-c", "sleep 3"]
+apiKeyNames = ["ci"]
+maxConcurrentTasks = 1
+queueSize = 1
+queueTimeoutSeconds = 1
+
+[tasks.later]
+command = ["/bin/sh", "-c", "echo started; exec sleep 60"]
+apiKeyNames = ["ci"]
+async = true
+asyncResultRetentionSeconds = 300
+
+[tasks.batch]
+command = ["/bin/sh", "-c", "sleep 1; echo \\"$REQUEST_HEADER_X_ORDER\\""]
+apiKeyNames = ["ci"]
+async = true
+maxConcurrentTasks = 1
+queueSize = 2
+passRequestHeaders = ["X-Order"]
+
+[tasks.talk]
+command = ["/bin/sh", "-c", "echo one; sleep 1.5; echo two; sleep 1.5; echo three"]
+apiKeyNames = ["ci"]
+async = true
+
+[tasks.drain]
+command = ["/bin/sh", "-c", "sleep 1.5; echo drained"]
+apiKeyNames = ["ci"]
+"""
+
+_WK_FOUR = ("--workers", "4")
+
+
+def _wk_worker_pids(server) -> list[int]:
+    """The supervisor's worker processes (its children)."""
+    pid = server.proc.pid
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _wk_owners(workdir: Path, task: str) -> dict[str, int]:
+    """run id → pid of the worker that ran it, from the state store."""
+    import sqlite3
+    db = sqlite3.connect(f"file:{workdir / 'rtask-state' / 'state.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        return dict(db.execute("SELECT id, owner FROM runs WHERE task = ?", (task,)).fetchall())
+    finally:
+        db.close()
+
+
+def _wk_warm(server, key, workdir: Path):
+    """Until every worker has verified ``key`` once (it then has it cached): parallel echo
+    runs, retried, until the state store shows runs by each worker. Without this, many
+    first requests at once would each need an Argon2 check and meet the server-wide bound
+    (503), which is the contract but not what these tests are about."""
+    def all_warm():
+        _wk_parallel(8, lambda i: server.post("echo", key=key))
+        return set(_wk_owners(workdir, "echo").values()) >= set(_wk_worker_pids(server))
+    wait_for(lambda: len(_wk_worker_pids(server)) == 4, timeout=15)
+    wait_for(all_warm, timeout=60, interval=0.1)
+
+
+def _wk_parallel(count, call):
+    """``call(i)`` for i in range(count), all at once on their own connections."""
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        return list(pool.map(call, range(count)))
+
+
+def test_workers_count_the_rate_limit_across_workers(wk_start, tmp_path):
+    """Burst 1 for the whole server: of many requests at once, spread over 4 workers, one runs."""
+    server, tokens = wk_start(_WK_MANY, run_args=_WK_FOUR)
+    _wk_warm(server, tokens["ci"], tmp_path)
+    statuses = _wk_parallel(12, lambda i: server.post("rare", key=tokens["ci"]).status)
+    assert sorted(statuses) == [200] + [429] * 11, statuses
+
+
+def test_workers_count_max_concurrent_across_workers(wk_start, tmp_path):
+    server, tokens = wk_start(_WK_MANY, run_args=_WK_FOUR)
+    _wk_warm(server, tokens["ci"], tmp_path)
+    statuses = _wk_parallel(8, lambda i: server.post("single", key=tokens["ci"]).status)
+    assert sorted(statuses) == [200] + [429] * 7, statuses
+    assert server.post("single", key=tokens["ci"]).status == 200  # the slot came back
+
+
+def test_workers_share_one_fifo_queue_with_its_timeout(wk_start, tmp_path):
+    """queueSize and FIFO hold across workers: requests sent one after another run in that
+    order, the one beyond the queue is refused, and a waiter past queueTimeoutSeconds gets 429."""
+    server, tokens = wk_start(_WK_MANY, run_args=_WK_FOUR)
+    _wk_warm(server, tokens["ci"], tmp_path)
+    results = {}
+
+    def post(i):
+        results[i] = server.post("line", key=tokens["ci"], headers={"X-Order": str(i)})
+
+    threads = []
+    for i in range(5):
+        threads.append(threading.Thread(target=post, args=(i,)))
+        threads[-1].start()
+        if i < 4:  # admitted in this order (a worker's first Argon2 check may delay a request)
+            wait_for(lambda: len(_wk_owners(tmp_path, "line")) == i + 1, timeout=15)
+    for t in threads:
+        t.join(60)
+    assert sorted(r.status for r in results.values()) == [200] * 4 + [429], results
+    order = (tmp_path / "order.log").read_text().split()
+    assert order == [str(i) for i in range(5) if results[i].status == 200], order
+    assert results[4].status == 429  # the line was full
+    first = threading.Thread(target=lambda: server.post("brief", key=tokens["ci"]))
+    first.start()
+    time.sleep(0.3)
+    began = time.monotonic()
+    assert server.post("brief", key=tokens["ci"]).status == 429  # waited its queueTimeoutSeconds
+    assert 0.8 <= time.monotonic() - began < 8  # queueTimeoutSeconds = 1, plus a loaded machine
+    first.join(30)
+
+
+def test_workers_any_worker_answers_for_any_run(wk_start, tmp_path):
+    """Result, long-poll, event stream, listing and cancel of a run answered on many new
+    connections, so by every worker, also those that do not run it (they forward)."""
+    server, tokens = wk_start(_WK_MANY, run_args=_WK_FOUR)
+    key = tokens["ci"]
+    _wk_warm(server, key, tmp_path)
+    run_id = server.post("talk", key=key).json["task_id"]
+    got = _wk_parallel(12, lambda i: server.get(f"/tasks/talk/{run_id}", key=key))
+    assert all(r.status == 200 and r.json["status"] == "running" for r in got), got
+    listed = _wk_parallel(8, lambda i: server.get("/tasks/talk", key=key).json["runs"])
+    assert all([r["task_id"] for r in runs] == [run_id] for runs in listed), listed
+
+    def events(i):
+        began = time.monotonic()
+        body = server.get(f"/tasks/talk/{run_id}/events", key=key, headers={"Accept": "text/event-stream"}).body
+        return body, time.monotonic() - began
+
+    streams = _wk_parallel(6, events)
+    for body, _ in streams:
+        assert body.count(b"event: result") == 1 and b'"one\\n"' in body and b"three" in body, body
+    polls = _wk_parallel(6, lambda i: server.get(f"/tasks/talk/{run_id}?wait=30", key=key).json)
+    assert all(p["status"] == "success" and p["stdout"] == "one\ntwo\nthree\n" for p in polls), polls
+    # cancel, from some worker; the others then find it ended (409)
+    later = server.post("later", key=key).json["task_id"]
+    pgid = _wk_pgid_of_run(later)
+    answers = _wk_parallel(6, lambda i: server.request("DELETE", f"/tasks/later/{later}", key=key))
+    # 200 for those that came while it was being stopped (as with one process), 409 after
+    assert all(a.status == 409 or (a.status == 200 and a.json["status"] == "cancelled") for a in answers), answers
+    assert any(a.status == 200 for a in answers)
+    wait_for(lambda: not _wk_group_alive(pgid), timeout=10)
+    assert server.get(f"/tasks/later/{later}", key=key).json["status"] == "cancelled"
+
+
+def test_workers_all_honour_a_key_added_and_a_reload(wk_start, tmp_path):
+    """add-key while serving works on every worker within ~2 s; SIGHUP reaches every worker
+    (a task added to config.toml is served by all)."""
+    server, tokens = wk_start(_WK_MANY, run_args=_WK_FOUR)
+    fresh = new_key(tmp_path, "fresh")
+    (tmp_path / "config.toml").write_text(textwrap.dedent(_WK_MANY).replace('apiKeyNames = ["ci"]',
+                                                                            'apiKeyNames = ["ci", "fresh"]', 1))
+    time.sleep(2.5)
+    # one at a time: each worker verifies the new key once (Argon2), no 503 from the bound
+    statuses = [server.post("echo", key=fresh).status for _ in range(16)]
+    assert statuses == [403] * 16, statuses  # known everywhere (not 401), not yet allowed
+    server.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: server.log().count("configuration reloaded") == 4, timeout=15)
+    statuses = _wk_parallel(16, lambda i: server.post("echo", key=fresh).status)
+    assert statuses == [200] * 16, statuses
+
+
+def test_workers_sigterm_drains_every_worker(wk_start, tmp_path):
+    server, tokens = wk_start(_WK_MANY, run_args=_WK_FOUR)
+    _wk_warm(server, tokens["ci"], tmp_path)
+    workers = _wk_worker_pids(server)
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(server.post, "drain", key=tokens["ci"]) for _ in range(6)]
+        wait_for(lambda: len(_wk_owners(tmp_path, "drain")) == 6, timeout=15)  # all running
+        server.proc.send_signal(signal.SIGTERM)
+        answers = [f.result(timeout=60) for f in futures]
+    assert all(a.status == 200 and a.json["stdout"] == "drained\n" for a in answers), answers
+    assert server.proc.wait(30) == 0
+    assert not any(pid_alive(pid) for pid in workers)
+
+
+def test_workers_metrics_are_summed_over_workers(wk_start, tmp_path):
+    server, tokens = wk_start(_WK_MANY, run_args=_WK_FOUR)
+    _wk_warm(server, tokens["ci"], tmp_path)  # echo runs by every worker
+    runs = len(_wk_owners(tmp_path, "echo"))
+    assert server.metric("task_duration_seconds_count", handler="echo", status="success") == runs
+    assert server.metric("auth_requests_total", method="api_key", result="success") == runs
+    assert "python_info" in server.metrics()
+    assert [server.post("drain", key=tokens["ci"]).status for _ in range(4)] == [200] * 4
+    assert server.metric("task_duration_seconds_count", handler="drain", status="success") == 4
+    _wk_parallel(3, lambda i: server.post("single", key=tokens["ci"]))
+    assert server.metric("task_rejection_total", handler="single", reason="max_concurrent") == 2
+
+
+def test_a_killed_worker_is_replaced_and_only_its_runs_fail(wk_start, tmp_path):
+    """kill -9 of a worker: a new one takes its place; its run's process group is stopped and
+    the run ends as failure with the reason; a run of another worker goes on."""
+    server, tokens = wk_start(_WK_MANY, run_args=_WK_FOUR)
+    key = tokens["ci"]
+    runs = {}
+    for _ in range(40):
+        run_id = server.post("later", key=key).json["task_id"]
+        runs[run_id] = wait_for(lambda: _wk_owners(tmp_path, "later").get(run_id))
+        if len(set(runs.values())) >= 2:
+            break
+    owners = {}
+    for run_id, owner in runs.items():
+        owners.setdefault(owner, run_id)
+    (victim, doomed), (_, survivor) = list(owners.items())[:2]
+    doomed_group, survivor_group = _wk_pgid_of_run(doomed), _wk_pgid_of_run(survivor)
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: victim not in _wk_worker_pids(server) and len(_wk_worker_pids(server)) == 4, timeout=15)
+    wait_for(lambda: not _wk_group_alive(doomed_group), timeout=10)
+    result = wait_for(lambda: (r := server.get(f"/tasks/later/{doomed}", key=key).json)["status"] != "running"
+                      and r, timeout=10)
+    assert (result["status"], result["exit_code"]) == ("failure", -1)
+    assert "worker process running this task died (signal 9)" in result["stderr"]
+    assert _wk_group_alive(survivor_group)
+    assert server.get(f"/tasks/later/{survivor}", key=key).json["status"] == "running"
+    assert server.request("DELETE", f"/tasks/later/{survivor}", key=key).json["status"] == "cancelled"
+    assert "worker died; starting another" in server.log()
+
+
+def test_workers_a_killed_supervisor_leaves_nothing_running(wk_start, tmp_path):
+    """kill -9 of the supervisor: its workers stop their runs and exit, freeing the port."""
+    server, tokens = wk_start(_WK_MANY, run_args=_WK_FOUR)
+    key = tokens["ci"]
+    run_id = server.post("later", key=key).json["task_id"]
+    pgid = _wk_pgid_of_run(run_id)
+    workers = _wk_worker_pids(server)
+    server.proc.kill()
+    server.proc.wait()
+    wait_for(lambda: not any(pid_alive(p) for p in workers), timeout=15)
+    wait_for(lambda: not _wk_group_alive(pgid), timeout=10)
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", server.port)) != 0  # nobody listens any more
+    server, _ = wk_start(run_args=_WK_FOUR)
+    result = server.get(f"/tasks/later/{run_id}", key=key).json
+    assert result["status"] == "failure" and "supervisor" in result["stderr"], result
+
+
+def test_workers_results_survive_kill9_of_everything(wk_start, tmp_path):
+    """kill -9 of the supervisor and all its workers at once: finished results stay readable,
+    and the next server stops the run they left and records it as failure."""
+    server, tokens = wk_start(_WK_MANY, run_args=_WK_FOUR)
+    key = tokens["ci"]
+    done = server.post("echo", key=key).json
+    run_id = server.post("later", key=key).json["task_id"]
+    pgid = _wk_pgid_of_run(run_id)
+    for pid in [server.proc.pid, *_wk_worker_pids(server)]:
+        os.kill(pid, signal.SIGKILL)
+    server.proc.wait()
+    time.sleep(1)
+    assert _wk_group_alive(pgid)  # orphaned, unsupervised until the next start
+    server, _ = wk_start(run_args=_WK_FOUR)
+    wait_for(lambda: not _wk_group_alive(pgid), timeout=10)
+    assert server.get(f"/tasks/echo/{done['task_id']}", key=key).json == done
+    result = server.get(f"/tasks/later/{run_id}", key=key).json
+    assert (result["status"], result["exit_code"]) == ("failure", -1)
+    assert "ended unexpectedly" in result["stderr"]
+
+
+def test_workers_queue_async_runs_across_workers(wk_start, tmp_path):
+    """Async runs over the limit are answered ``queued`` by whichever worker takes them, start
+    in admission order as slots free anywhere, and one beyond queueSize gets 429."""
+    server, tokens = wk_start(_WK_MANY, run_args=_WK_FOUR)
+    key = tokens["ci"]
+    _wk_warm(server, key, tmp_path)
+    answers = []
+    for i in range(4):
+        answers.append(server.post("batch", key=key, headers={"X-Order": str(i)}))
+    assert [a.status for a in answers] == [200, 200, 200, 429], answers
+    assert [a.json["status"] for a in answers[:3]] == ["running", "queued", "queued"]
+    results = [server.get(f"/tasks/batch/{a.json['task_id']}?wait=30", key=key).json for a in answers[:3]]
+    assert [r["stdout"] for r in results] == ["0\n", "1\n", "2\n"], results
+    starts = [r["started_at"] for r in results]
+    assert starts == sorted(starts) and all(r["status"] == "success" for r in results)
+
+
+def test_unusable_state_dir_and_worker_count_are_clear_errors(tmp_path):
+    (tmp_path / "config.toml").write_text(textwrap.dedent(_WK_CONFIG))
+    (tmp_path / "a-file").write_text("")
+    for extra, message in ((("--state-dir", "a-file"), "cannot use the state directory a-file"),
+                           (("--workers", "0"), "--workers '0' must be a number from 1 to"),
+                           (("--workers", "2", "--state-dir", "a-file"), "cannot use the state directory")):
+        out = rtask_cli("run", "--api-address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0", *extra,
+                        cwd=tmp_path, timeout=30)
+        assert out.returncode == 1 and message in out.stderr, (extra, out.stderr)
+        assert "Traceback" not in out.stderr

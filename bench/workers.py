@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""rtask with worker processes (run --workers) against adnanh/webhook, in one run.
+
+Prints, all measured in the same run on the same machine:
+- the Python spawn ceiling (/bin/echo hi) from 16 threads and from 16 processes: the GIL
+  limit that workers exist to pass;
+- requests/s, p50 and p99 of `POST /tasks/echo` with an API key at 4, 16 and 64 connections
+  for webhook (no auth), rtask --workers 1, 2 and auto, and the base commit's rtask.py
+  (--base, default /work/main/rtask.py; it has no durable store, so rtask --workers 1 against
+  it is also the cost of the store per request);
+- the ratios the contract asks for: 2 workers / webhook at 4 and 16 connections (req/s, p99),
+  the rate at 64 over the rate at 16 connections for 1 and 2 workers, workers 1 / base.
+
+    python3 bench/workers.py              # 10 s per load run
+    python3 bench/workers.py --quick      # 2 s runs: a smoke check of the script
+
+Needs wrk and webhook (`apt-get install -y webhook wrk`); see bench/README.md.
+"""
+
+import argparse
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import (APT_LINE, HERE, HOST, TASK, BenchError, Server, add_key, ceiling_subprocess,  # noqa: E402
+                   free_port, load, log, rtask_cmd, run_main, start_webhook, verify_rtask, verify_webhook,
+                   wait_rtask_ready, write_rtask_config)
+
+CONNECTIONS = (4, 16, 64)
+
+
+def _spawn_loop(seconds: float) -> int:
+    end, n = time.perf_counter() + seconds, 0
+    while time.perf_counter() < end:
+        subprocess.run(["/bin/echo", "hi"], capture_output=True, timeout=10)
+        n += 1
+    return n
+
+
+def ceiling_processes(seconds: float, processes: int) -> float:
+    """subprocess.run of /bin/echo in a loop in ``processes`` processes: spawns/s in total."""
+    t0 = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        total = sum(pool.map(_spawn_loop, [seconds] * processes))
+    return total / (time.perf_counter() - t0)
+
+
+def start(rtask, tmp, key, name, run_args):
+    """An rtask server (its own state directory) under ``name``, answering."""
+    api, metrics = free_port(), free_port()
+    log_path = os.path.join(tmp, f"{name}.log")
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen(rtask_cmd(rtask, tmp, "run", "--api-address", f"{HOST}:{api}",
+                                          "--metrics-address", f"{HOST}:{metrics}", *run_args),
+                                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, cwd=tmp)
+    server = Server(name, proc, api, f"/tasks/{TASK}", {"Authorization": f"Bearer {key}"}, log_path)
+    wait_rtask_ready(server)
+    verify_rtask(server)
+    return server
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per load run (10)")
+    ap.add_argument("--rtask", default=os.path.join(HERE, "..", "rtask.py"))
+    ap.add_argument("--base", default="/work/main/rtask.py", help="the base commit's rtask.py")
+    ap.add_argument("--quick", action="store_true", help="2 s runs: a smoke check")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.duration = 2.0
+    for tool in ("wrk", "webhook"):
+        if shutil.which(tool) is None:
+            raise BenchError(f"{tool} is not installed; as root: {APT_LINE}")
+    cpus = len(os.sched_getaffinity(0))
+    ceil_s = 1.0 if args.quick else 3.0
+    log("spawn ceilings ...")
+    threads16 = ceiling_subprocess(ceil_s, 16)
+    procs16 = ceiling_processes(ceil_s, 16)
+
+    tmp = tempfile.mkdtemp(prefix="rtask-bench-workers-")
+    servers = []
+    try:
+        write_rtask_config(tmp, None)
+        key = add_key(os.path.abspath(args.rtask), tmp)
+        webhook = start_webhook(tmp, f"Bearer {key}")
+        verify_webhook(webhook)
+        servers.append(webhook)
+        configs = [("rtask workers=1", args.rtask, ["--workers", "1", "--state-dir", os.path.join(tmp, "s1")]),
+                   ("rtask workers=2", args.rtask, ["--workers", "2", "--state-dir", os.path.join(tmp, "s2")]),
+                   (f"rtask workers=auto ({cpus})", args.rtask,
+                    ["--workers", "auto", "--state-dir", os.path.join(tmp, "sa")])]
+        if os.path.isfile(args.base):
+            configs.append(("base rtask (no store)", args.base, []))
+        for name, path, run_args in configs:
+            servers.append(start(os.path.abspath(path), tmp, key, name, run_args))
+        for server in servers:  # warm-up (each worker's key cache, imports, page cache)
+            load(server, 16, min(2.0, args.duration), tmp, True)
+        results = {}
+        for conns in CONNECTIONS:
+            for server in servers:  # alternating, so that a busy moment hits everyone alike
+                results[server.name, conns] = load(server, conns, args.duration, tmp, True)
+                log(f"{server.name:28} c={conns:<3} {results[server.name, conns]['rps']:8.0f} req/s")
+    finally:
+        for server in servers:
+            server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"\nPython spawn ceiling (/bin/echo hi): 16 threads {threads16:,.0f}/s, "
+          f"16 processes {procs16:,.0f}/s ({cpus} CPUs)")
+    print(f"\n{'server':28} " + " ".join(f"{'c=' + str(c) + ' req/s':>12} {'p99 ms':>8}" for c in CONNECTIONS))
+    for server in servers:
+        cells = " ".join(f"{results[server.name, c]['rps']:12.0f} {results[server.name, c]['p99'] or 0:8.2f}"
+                         for c in CONNECTIONS)
+        print(f"{server.name:28} {cells}")
+
+    def rps(name, c):
+        return results[name, c]["rps"]
+
+    print("\nratios (same run):")
+    for c in (4, 16):
+        print(f"  workers=2 / webhook at {c:>2} connections: req/s {rps('rtask workers=2', c) / rps('webhook', c):.2f}x"
+              f" (goal >= 1.0), p99 {results['rtask workers=2', c]['p99'] / results['webhook', c]['p99']:.2f}x"
+              " (goal <= 1.0)")
+    for name in ("rtask workers=1", "rtask workers=2"):
+        print(f"  {name}: rate at 64 / rate at 16 connections: {rps(name, 64) / rps(name, 16):.2f} (goal >= 0.95)")
+    if ("base rtask (no store)", 16) in results:
+        for c in CONNECTIONS:
+            ratio = rps("rtask workers=1", c) / rps("base rtask (no store)", c)
+            print(f"  workers=1 (durable store) / base (none) at {c:>2} connections: {ratio:.2f}x"
+                  " (goal within 5 %; the store's cost < 10 %)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
