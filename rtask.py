@@ -4880,14 +4880,14 @@ class Metrics:
         for histogram in histograms:
             for labels in [k for k in histogram._metrics if k[0] in changed]:
                 histogram.remove(*labels)
+        self._preinitialise(config)
         if self.in_worker:
-            return
+            return  # the supervisor's QueueLengths reports the queues of every worker
         for name in set(self._queue_gauges) - set(states):
             self.queue_length.remove(name)
         self._queue_gauges = set(states)
         for name, state in states.items():
             self.queue_length.labels(name).set_function(lambda s=state: s.slots.queued)
-        self._preinitialise(config)
 
     # SPEC §5's table: the reasons every task can be refused for, as in the Go RTask.
     REJECTION_REASONS = ("missing_key", "invalid_header", "invalid_key_encoding", "invalid_key",
@@ -4900,17 +4900,17 @@ class Metrics:
         """Create at 0 every series whose labels are known now (SPEC §7), so that increase()
         and alerts see a task's first failure: a series born at its first event has no earlier
         sample to compare with. Series of callers or tasks that went away keep their counts."""
-        callers = {name: self._callers(config, task) for name, task in config.tasks.items()}
         for name, task in config.tasks.items():
             reasons = self.REJECTION_REASONS + (self.JWT_REJECTION_REASONS if config.auth.jwt else ())
-            for reason in reasons + (("invalid_signature",) if task.signed_webhook else ()):
+            reasons += ("invalid_signature",) if task.signed_webhook else ()
+            reasons += ("invalid_parameter",) if task.parameters else ()
+            reasons += ("network_not_allowed",) if task.isolation and task.isolation.allowed_networks else ()
+            for reason in reasons:
                 self.rejections.labels(name, reason)
-        with self._lock:
-            for name, names in callers.items():
-                bucket_count = len(self._buckets[name])
-                for caller in names:
-                    for status in self.STATUSES:
-                        self._series.setdefault((name, caller, status), [[0] * bucket_count, 0.0, 0])
+            histogram = self._duration_histogram(self._buckets[name])
+            for caller in self._callers(config, task):
+                for status in self.STATUSES:
+                    histogram.labels(name, caller, status)
 
     @staticmethod
     def _callers(config: Config, task: TaskSpec) -> set[str]:
