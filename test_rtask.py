@@ -8209,6 +8209,7 @@ def test_av_thread_that_cannot_start_gives_its_slot_back(_av_user):
     503 (or a close); once the limit is lifted the server serves again by itself, on both
     listeners, and the episode cost a bounded number of log lines and no traceback."""
     scratch = Path(tempfile.mkdtemp(prefix="rtask-t1-"))
+    scratch.chmod(0o755)  # the user reaches its work directory by its absolute path too (state dir)
     try:
         work = scratch / "work"
         work.mkdir()
@@ -9573,8 +9574,10 @@ def test_workers_a_killed_supervisor_leaves_nothing_running(wk_start, tmp_path):
     server.proc.wait()
     wait_for(lambda: not any(pid_alive(p) for p in workers), timeout=15)
     wait_for(lambda: not _wk_group_alive(pgid), timeout=10)
-    with socket.socket() as s:
-        assert s.connect_ex(("127.0.0.1", server.port)) != 0  # nobody listens any more
+    def nobody_listens():
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", server.port)) != 0
+    wait_for(nobody_listens, timeout=10)  # the port is free again
     server, _ = wk_start(run_args=_WK_FOUR)
     result = server.get(f"/tasks/later/{run_id}", key=key).json
     assert result["status"] == "failure" and "supervisor" in result["stderr"], result
