@@ -8,9 +8,9 @@ stdin, and answers with the exit status and output, or, for async tasks, a task 
 Start (serves the shipped config.toml), and test::
 
     pip install -r requirements.txt && python3 rtask.py add-key ci && python3 rtask.py run
-    pip install -r requirements.txt 'PyJWT[crypto]>=2.10.1' 'pytest>=7' && python3 -m pytest -q test_rtask.py
+    pip install -r requirements.txt 'PyJWT[crypto]>=2.10.1' 'pytest>=7' 'pytest-xdist>=3' && python3 -m pytest -q -n 3 test_rtask.py
 
-The contract (names, formats, status codes, defaults) is SPEC.md; README.md is the manual.
+README.md is the manual and the reference: names, formats, status codes, defaults.
 The file reads in the order of a request's path: constants → configuration → key store →
 authentication → limits → parameters → isolation → execution → results → HTTP → metrics → logging → CLI.
 
@@ -79,7 +79,7 @@ NAME_RULE = "a name must be non-empty, without '/', control characters or surrou
 
 
 def is_valid_name(name: str) -> bool:
-    """Task and key names are what the Go RTask accepts (SPEC §3): any non-empty string
+    """Task and key names are what the Go RTask accepts (README §4): any non-empty string
     without '/', control characters or surrounding whitespace ("build:prod", "deploy key").
     Lone surrogates (undecodable bytes on a command line) cannot be written to TOML either.
     Whatever is built from a name quotes it: TOML keys, paths (percent-encoded), logs."""
@@ -87,7 +87,7 @@ def is_valid_name(name: str) -> bool:
     return (bool(name) and "/" not in name and name == name.strip()
             and not any(unicodedata.category(c) in ("Cc", "Cs") for c in name))
 
-# Permissions (SPEC §9): a task-scoped permission is "tasks:<action>" or "tasks:<action>:<task>".
+# Permissions (README §8): a task-scoped permission is "tasks:<action>" or "tasks:<action>:<task>".
 TASK_ACTIONS = ("run", "read", "list", "cancel")
 SYSTEM_PERMISSIONS = ("system:config_read",)
 WILDCARDS = ("*", "tasks:*", "system:*")
@@ -107,7 +107,7 @@ def holds_permission(grants: frozenset[str], needed: str) -> bool:
     return any(p in grants for p in (needed, f"{resource}:{action}", f"{resource}:*", "*"))
 
 
-# Key format of the Go RTask (SPEC §4): these values are written into every new key entry.
+# Key format of the Go RTask (README §7): these values are written into every new key entry.
 KEY_BYTES = 40
 SALT_BYTES = 16
 ARGON2_TIME = 1
@@ -209,7 +209,7 @@ class TaskSpec:
     queue_timeout_seconds: float = 30.0  # how long a queued sync request waits, then 429
     signed_webhook: SignedWebhookSpec | None = None  # POST /hooks/<name>
     histogram_buckets: tuple[float, ...] | None = None  # None: Prometheus default buckets
-    parameters: tuple[ParameterSpec, ...] = ()  # typed values for the command (SPEC §12); () = none
+    parameters: tuple[ParameterSpec, ...] = ()  # typed values for the command (README §4); () = none
 
     @functools.cached_property
     def parameter_index(self) -> dict[str, ParameterSpec]:
@@ -436,7 +436,7 @@ _TASK_OPTIONS = {
     "signedWebhook": (None, None),
     "durationHistogramBuckets": ("histogram_buckets", _buckets),
     "parameters": (None, None),
-    # Isolation (SPEC §13), parsed by parse_isolation into TaskSpec.isolation:
+    # Isolation (README §6), parsed by parse_isolation into TaskSpec.isolation:
     "user": (None, None),
     "group": (None, None),
     "umask": (None, None),
@@ -901,7 +901,7 @@ def encode_api_key(key_id: int, key: bytes) -> str:
 
 
 def decode_api_key(token: str) -> tuple[int, bytes]:
-    """(id, key bytes) of a presented key. One key, one spelling (SPEC §4): the token must be
+    """(id, key bytes) of a presented key. One key, one spelling (README §7): the token must be
     exactly what add-key prints for that (id, key) -- canonical base64url (no padding, unused
     bits zero) of the minimal CBOR map {1: id, 2: key} in that order, nothing after it -- so
     "<key>x", "<key>AAAA" or a re-encoded map are not the key, and cost no Argon2 run."""
@@ -1222,7 +1222,7 @@ class KeyRing:
         try:
             digest = argon2id(key, stored.salt, stored.time, stored.memory_mib, stored.threads,
                               len(stored.hash))
-        except MemoryError as e:  # its 64 MiB or its threads cannot be had now (SPEC §5)
+        except MemoryError as e:  # its 64 MiB or its threads cannot be had now (README §5)
             log.warning("cannot verify a key now: out of memory or threads", extra={"fields": {"problem": str(e)}})
             raise Reject(503, "unavailable", "The server cannot verify keys right now; retry shortly.",
                          "auth_overloaded", [("Retry-After", "1")]) from None
@@ -1252,7 +1252,7 @@ class KeyRing:
 
 
 def warn_missing_keys_file(path: str):
-    """A missing keys file is an empty store (SPEC §4), so every key is refused: say so."""
+    """A missing keys file is an empty store (README §7), so every key is refused: say so."""
     log.warning(f"keys file {path} is missing: every API key gets 401 until it exists again "
                 f"(rtask add-key creates it)", extra={"fields": {"file": path}})
 
@@ -1445,7 +1445,7 @@ def _jwt_problem(error: Exception) -> str:
 
 
 class Authenticator:
-    """Turns a request's credentials into a Caller, in priority order (SPEC §9):
+    """Turns a request's credentials into a Caller, in priority order (README §8):
 
     1. ``Authorization: Bearer <token>``: a JWT when the token has the three-part JWS form,
        else an rtask API key.
@@ -1507,7 +1507,7 @@ def _bearer_token(values: list[str]) -> str:
 
 
 def require_permission(caller: Caller, permission: str, metrics: Metrics):
-    """403 unless the caller holds ``permission``. The metric reason is SPEC §5's
+    """403 unless the caller holds ``permission``. The metric reason is README §5's
     ``key_not_allowed`` for every kind of credential."""
     if caller.kind == "webhook" or holds_permission(caller.grants, permission):
         return
@@ -1529,7 +1529,7 @@ class RateLimiter:
     machine, so every process computes the refill alike. A task without a rateLimit touches
     no lock. A bucket whose rate changed (reload) starts full, as a new limiter did.
 
-    A refused request learns when to retry: the ceiling of 1/rate seconds (SPEC §5)."""
+    A refused request learns when to retry: the ceiling of 1/rate seconds (README §5)."""
 
     def __init__(self, task_name: str, rate: float, store: StateStore):
         self.task_name, self.rate, self.store = task_name, rate, store
@@ -1757,7 +1757,7 @@ class Argon2Slots:
 # Parameters (typed values, payload rules)
 # =============================================================================================
 #
-# A task may declare named, typed parameters (SPEC §12). Values come from the query string,
+# A task may declare named, typed parameters (README §4). Values come from the query string,
 # else a JSON object body's top-level field, else a form field; a parameter with `from` takes
 # its value only from the JSON payload at that JSON Pointer (RFC 6901). Every value is checked
 # (length first, so a pattern never sees more than maxLength characters), put in its canonical
@@ -2247,7 +2247,7 @@ def describe_parameter(spec: ParameterSpec) -> dict:
 # Isolation (identity, environment, limits, networks)
 # =============================================================================================
 #
-# A task may run with less than the server has (SPEC §13): another user and group, a umask, a
+# A task may run with less than the server has (README §6): another user and group, a umask, a
 # filtered environment, resource limits, and only for callers from some networks. Identity and
 # limits are in force before the command's first instruction, without preexec_fn (which can
 # deadlock a threaded server). Two small util-linux programs are exec'd in front of the
@@ -2725,7 +2725,7 @@ def spawn(task: TaskSpec, env: dict[str, str], stdin: int, stdout: int, stderr: 
     subprocess.Popen (vfork-based here) releases the GIL while it spawns; os.posix_spawn was
     measured slower under concurrent load (662 vs 980 requests/s, bench/), so Popen it is."""
     import subprocess
-    argv, isolation = isolated_spawn(task, env)  # identity, umask and limits (SPEC §13)
+    argv, isolation = isolated_spawn(task, env)  # identity, umask and limits (README §6)
     try:
         return subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, cwd=task.workdir,
                                 env=env, start_new_session=True, close_fds=True, **isolation)
@@ -4339,7 +4339,7 @@ def connection_share(cap: int) -> int:
 
 class ConnectionLimit:
     """The open connections of one listener (one handler thread each), per process: at most
-    ``cap`` in all and ``per_address`` from one peer address (SPEC §5 "Fairness under
+    ``cap`` in all and ``per_address`` from one peer address (README §5 "Fairness under
     exhaustion"). Used by both listeners, around their accept loop:
 
     - ``accept`` pauses the loop (growing delay) while accept() fails for want of descriptors
@@ -4810,7 +4810,7 @@ def serve_forwarded_requests(app: App):
 
 
 class Metrics:
-    """The Prometheus metrics of SPEC §7 and §9, in the default registry (whose process and
+    """The Prometheus metrics of README §11 and §9, in the default registry (whose process and
     platform collectors stay on).
 
     prometheus_client gives one bucket set per metric, but each task may configure its own
@@ -4889,7 +4889,7 @@ class Metrics:
         for name, state in states.items():
             self.queue_length.labels(name).set_function(lambda s=state: s.slots.queued)
 
-    # SPEC §5's table: the reasons every task can be refused for, as in the Go RTask.
+    # README §5's table: the reasons every task can be refused for, as in the Go RTask.
     REJECTION_REASONS = ("missing_key", "invalid_header", "invalid_key_encoding", "invalid_key",
                          "key_not_allowed", "limit_exceeded", "max_concurrent", "input_too_large",
                          "invalid_content")
@@ -4897,7 +4897,7 @@ class Metrics:
     STATUSES = ("success", "failure", "timeout")
 
     def _preinitialise(self, config: Config):
-        """Create at 0 every series whose labels are known now (SPEC §7), so that increase()
+        """Create at 0 every series whose labels are known now (README §11), so that increase()
         and alerts see a task's first failure: a series born at its first event has no earlier
         sample to compare with. Series of callers or tasks that went away keep their counts."""
         for name, task in config.tasks.items():
@@ -5527,7 +5527,7 @@ def call_exit_code(result: dict) -> int:
 
 def explain_unsuccessful_run(task: str, result: dict) -> str | None:
     """One sentence for a run that did not succeed when the task itself wrote nothing on
-    stderr (SPEC §11), so that a CI log shows why and not only an exit code. None when the
+    stderr (README §9), so that a CI log shows why and not only an exit code. None when the
     run succeeded or its stderr already says something (for a command that could not start,
     stderr holds rtask's reason)."""
     status, code, seconds = result.get("status"), result.get("exit_code"), result.get("duration_seconds")

@@ -361,7 +361,7 @@ _CK_TASK = """
 """
 
 # =============================================================================================
-# Command line (SPEC §2)
+# Command line (README §3)
 # =============================================================================================
 
 
@@ -524,7 +524,7 @@ def test_unknown_log_level_warns_naming_the_variable_and_still_works(tmp_path, v
 
 
 # =============================================================================================
-# Configuration (SPEC §3)
+# Configuration (README §4)
 # =============================================================================================
 
 
@@ -606,7 +606,7 @@ def test_default_max_input_bytes_is_16384(start_server):
 
 
 def test_defaults_of_limits_timings_and_listen_addresses(start_server):
-    """SPEC §2/§3 defaults, as a running server reports them (GET /tasks and GET /config)."""
+    """README §3/§3 defaults, as a running server reports them (GET /tasks and GET /config)."""
     server, tokens = start_server(_CK_TASK + '[auth]\nconfigEndpointEnabled = true\n'
                                   '[auth.keyPermissions]\nci = ["system:config_read"]\n')
     listed = server.get("/tasks", key=tokens["ci"]).json["tasks"]
@@ -883,7 +883,7 @@ def test_check_config_reports_config_and_key_file_problems_together(tmp_path):
 
 
 # =============================================================================================
-# Key store (SPEC §4)
+# Key store (README §7)
 # =============================================================================================
 
 
@@ -1195,7 +1195,7 @@ def test_garbage_keys_file_while_running_keeps_the_previous_keys(start_server, t
 
 
 # =============================================================================================
-# Logging (SPEC §8)
+# Logging (README §11)
 # =============================================================================================
 
 
@@ -2562,7 +2562,7 @@ def _lc_health(lc, task) -> dict:
 
 
 def _lc_check_finished(result, *, status, exit_code):
-    """The fields every finished result has (SPEC §5 + §10); returns the result."""
+    """The fields every finished result has (README §5); returns the result."""
     assert result["status"] == status, result
     assert result["exit_code"] == exit_code, result
     assert _LC_TASK_ID_RE.fullmatch(result["task_id"]), result
@@ -3446,8 +3446,8 @@ def test_without_queue_size_a_busy_task_answers_429_at_once(_lc, task):
 # Helpers of this section (prefixed _au_)
 # ---------------------------------------------------------------------------------------------
 
-_AU_ISSUER, _AU_AUDIENCE = "rtask", "rtask-api"  # SPEC §9 defaults of [auth.jwt]
-_AU_JWKS_COOLDOWN = 10.0  # SPEC §9: an unknown kid refreshes the JWKS at most once per 10 s
+_AU_ISSUER, _AU_AUDIENCE = "rtask", "rtask-api"  # README §8 defaults of [auth.jwt]
+_AU_JWKS_COOLDOWN = 10.0  # README §8: an unknown kid refreshes the JWKS at most once per 10 s
 # A task whose stdout is the caller rtask reports (key name, JWT subject or webhook name).
 _AU_CALLER_CMD = json.dumps(["sh", "-c", 'printf %s "$RTASK_CALLER"'])
 _AU_NO_CREDENTIAL = ("unauthorized", "A credential is required: send 'Authorization: Bearer <key>'.")
@@ -4114,7 +4114,7 @@ def _au_without_pyjwt(*argv, cwd):
 
 
 def test_without_pyjwt_a_key_only_server_serves_everything_else(tmp_path):
-    """SPEC §1: PyJWT is optional; without it, keys, webhooks, health and metrics all work."""
+    """README §2: PyJWT is optional; without it, keys, webhooks, health and metrics all work."""
     blocked = tmp_path / "no-pyjwt"
     for package in ("jwt", "cryptography"):
         (blocked / package).mkdir(parents=True)
@@ -4207,7 +4207,7 @@ class _AuEc:
 
 
 def test_jwks_tokens_of_every_configured_algorithm_are_accepted(start_server, au_keys):
-    """SPEC §9: allowedAlgorithms may name RS384/512, PS256/384/512, ES256/384 besides RS256."""
+    """README §8: allowedAlgorithms may name RS384/512, PS256/384/512, ES256/384 besides RS256."""
     ec_key = _AuEc("k-ec")
     idp = _AuJwks([au_keys["main"], ec_key])
     try:
@@ -4763,7 +4763,7 @@ class _IgServer(Server):
 
 
 def _ig_error(resp: Response, status: int, code: str) -> dict:
-    """Assert an error answer of SPEC §5: status, JSON content type, error code, a message."""
+    """Assert an error answer of README §5: status, JSON content type, error code, a message."""
     assert resp.status == status, resp
     assert resp.headers["Content-Type"] == "application/json", resp.headers
     payload = resp.json
@@ -7084,7 +7084,7 @@ def test_metrics_listener_bounds_its_connections_and_drops_silent_ones(start_ser
 
 
 # =============================================================================================
-# Parameters (typed values, payload rules): SPEC §12
+# Parameters (typed values, payload rules): README §4
 # =============================================================================================
 #
 # One server for the section (log level debug, so that a secret value in any line is caught).
@@ -7580,7 +7580,7 @@ def test_shipped_config_parameter_example_works(tmp_path):
 
 
 # =============================================================================================
-# Isolation: identity, environment, limits, networks (SPEC §13; helpers prefixed _iso_)
+# Isolation: identity, environment, limits, networks (README §6; helpers prefixed _iso_)
 # =============================================================================================
 
 _ISO_SECRET = "iso-webhook-secret-0123456789"
@@ -9206,7 +9206,7 @@ def test_readme_systemd_unit_passes_systemd_analyze_verify(tmp_path):
 
 
 # =============================================================================================
-# Workers and the durable state (SPEC §14): results across restarts, crash recovery
+# Workers and the durable state (README §6): results across restarts, crash recovery
 # =============================================================================================
 
 _WK_CONFIG = """

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark what isolating a run costs (SPEC §13): another user, and resource limits.
+"""Benchmark what isolating a run costs (README §6): another user, and resource limits.
 
 Two figures, each against a plain run measured in the same process, interleaved:
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark the cost of typed task parameters (SPEC §12) against a request without them.
+"""Benchmark the cost of typed task parameters (README §4) against a request without them.
 
 Two figures, each a ratio to a baseline measured in the same run:
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark rtask's live output (Server-Sent Events, SPEC §10).
+"""Benchmark rtask's live output (Server-Sent Events, README §5).
 
 Two figures:
 
