@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Microbenchmark of rtask's API-key authentication, in process (no HTTP).
 
-The target (README §7 issue): a request repeating a known-good key spends < 50 µs on
+The target: a request repeating a known-good key spends < 50 µs on
 authentication. rtask.py is imported and its own code is timed:
 
 - the first `KeyRing.verify(token)` of a fresh key: a real Argon2id check (ms);
