@@ -12,7 +12,8 @@ Start (serves the shipped config.toml), and test::
 
 README.md is the manual and the reference: names, formats, status codes, defaults.
 The file reads in the order of a request's path: constants → configuration → key store →
-authentication → limits → parameters → isolation → execution → results → HTTP → metrics → logging → CLI.
+authentication → limits → parameters → isolation → execution → results and state → HTTP →
+workers → metrics → logging → CLI.
 
 License: MIT.
 """
