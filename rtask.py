@@ -4441,7 +4441,7 @@ def _refuse_connection(sock):
     """Answer 503 without blocking the accept loop: the short answer fits the socket buffer.
     What the client already sent is read first, since closing a socket with unread data makes
     the kernel reset the connection, which can destroy the answer in flight."""
-    body = b'{"error": "unavailable", "message": "Too many connections; retry shortly."}'
+    body = b'{"error": "unavailable", "message": "Too many connections; retry shortly."}\n'
     try:
         sock.setblocking(False)
         with contextlib.suppress(BlockingIOError):

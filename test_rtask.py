@@ -6525,7 +6525,7 @@ def test_resilience_connection_cap_answers_503_then_recovers(start_server):
             assert data.startswith(b"HTTP/1.1 503 "), data[:200]
             assert b"\r\nRetry-After: 1\r\n" in data
             _, _, body = data.partition(b"\r\n\r\n")
-            assert json.loads(body)["error"] == "unavailable"
+            assert json.loads(body)["error"] == "unavailable" and body.endswith(b"}\n")
             assert seconds < 2.0
         _rs_note("connection cap: refused connections reset after the 503", f"{resets[0]} of 5")
         assert _rs_proc_status(pid)["Threads"] <= threads_before + cap + 5
