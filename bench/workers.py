@@ -5,9 +5,9 @@ Prints, all measured in the same run on the same machine:
 - the Python spawn ceiling (/bin/echo hi) from 16 threads and from 16 processes: the GIL
   limit that workers exist to pass;
 - requests/s, p50 and p99 of `POST /tasks/echo` with an API key at 4, 16 and 64 connections
-  for webhook (no auth), rtask --workers 1, 2 and auto, and the base commit's rtask.py
-  (--base, default /work/main/rtask.py; it has no durable store, so rtask --workers 1 against
-  it is also the cost of the store per request);
+  for webhook (no auth), rtask --workers 1, 2 and auto, and the previous design's rtask.py
+  (--base REV, a git revision of this repository, default 969341f: one process, results in
+  memory, no durable store; so rtask --workers 1 against it is also the store's cost);
 - the ratios the contract asks for: 2 workers / webhook at 4 and 16 connections (req/s, p99),
   the rate at 64 over the rate at 16 connections for 1 and 2 workers, workers 1 / base.
 
@@ -32,6 +32,21 @@ from bench import (APT_LINE, HERE, HOST, TASK, BenchError, Server, add_key, ceil
                    wait_rtask_ready, write_rtask_config)
 
 CONNECTIONS = (4, 16, 64)
+BASE_REVISION = "969341f"  # the last single-process rtask, before workers and the durable store
+
+
+def previous_design(revision: str, tmp: str) -> str | None:
+    """rtask.py as it was at ``revision`` (from this repository's git history), or None."""
+    try:
+        source = subprocess.run(["git", "-C", HERE, "show", f"{revision}:rtask.py"], capture_output=True,
+                                check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        log(f"no rtask.py at git revision {revision!r}: the previous design is not measured")
+        return None
+    path = os.path.join(tmp, f"rtask-{revision}.py")
+    with open(path, "wb") as f:
+        f.write(source)
+    return path
 
 
 def _spawn_loop(seconds: float) -> int:
@@ -68,7 +83,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per load run (10)")
     ap.add_argument("--rtask", default=os.path.join(HERE, "..", "rtask.py"))
-    ap.add_argument("--base", default="/work/main/rtask.py", help="the base commit's rtask.py")
+    ap.add_argument("--base", default=BASE_REVISION,
+                    help=f"git revision of the previous design to compare with (default {BASE_REVISION})")
     ap.add_argument("--quick", action="store_true", help="2 s runs: a smoke check")
     args = ap.parse_args(argv)
     if args.quick:
@@ -94,8 +110,9 @@ def main(argv=None):
                    ("rtask workers=2", args.rtask, ["--workers", "2", "--state-dir", os.path.join(tmp, "s2")]),
                    (f"rtask workers=auto ({cpus})", args.rtask,
                     ["--workers", "auto", "--state-dir", os.path.join(tmp, "sa")])]
-        if os.path.isfile(args.base):
-            configs.append(("base rtask (no store)", args.base, []))
+        base = previous_design(args.base, tmp)
+        if base:
+            configs.append(("base rtask (no store)", base, []))
         for name, path, run_args in configs:
             servers.append(start(os.path.abspath(path), tmp, key, name, run_args))
         for server in servers:  # warm-up (each worker's key cache, imports, page cache)
