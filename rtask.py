@@ -61,7 +61,7 @@ import threading
 import time
 import tomllib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, quote, unquote, urlencode
+from urllib.parse import parse_qs, quote, unquote
 
 __version__ = "0.1.0"
 
@@ -211,6 +211,7 @@ class TaskSpec:
     signed_webhook: SignedWebhookSpec | None = None  # POST /hooks/<name>
     histogram_buckets: tuple[float, ...] | None = None  # None: Prometheus default buckets
     parameters: tuple[ParameterSpec, ...] = ()  # typed values for the command (README §4); () = none
+    isolation: IsolationSpec | None = None  # user, group, umask, environment, networks, limits
 
     @functools.cached_property
     def parameter_index(self) -> dict[str, ParameterSpec]:
@@ -221,7 +222,6 @@ class TaskSpec:
         """(index, parameter name) of each argv element that is exactly "{name}"."""
         return tuple((i, m.group(1)) for i, element in enumerate(self.command)
                      if (m := _ARGUMENT_RE.fullmatch(element)))
-    isolation: IsolationSpec | None = None  # user, group, umask, environment, networks, limits
 
     @functools.cached_property
     def env_names(self) -> dict[str, str]:
@@ -1609,19 +1609,28 @@ class ConcurrencyLimit:
             with self._count_lock:
                 self._unlimited_running += 1
             return "now"
+        granted = []
         with self.store.transaction() as db:
             counts = dict(db.execute("SELECT status, count(*) FROM runs WHERE task = ? AND expires_at IS NULL "
                                      "GROUP BY status", (self.task_name,)).fetchall())
-            # A slot freed but not yet handed on (between a run's end and its promotion) still
-            # belongs to the line: a newcomer takes one only when nobody waits.
-            if sum(counts.get(s, 0) for s in self.HOLDING) < self.limit and not counts.get("queued"):
+            holding, queued = sum(counts.get(s, 0) for s in self.HOLDING), counts.get("queued", 0)
+            if holding < self.limit and queued:
+                # A slot freed but not handed on (its promotion is on its way, or failed on
+                # a busy database) belongs to the line: hand it on now, so that the line
+                # never waits for a release that will not come.
+                granted = promote_queued(db, self.task_name, self.limit)
+                holding, queued = holding + len(granted), queued - len(granted)
+            if holding < self.limit and not queued:
                 admission = "now"
-            elif counts.get("queued", 0) < self.queue_size:
+            elif queued < self.queue_size:
                 admission = "queued"
-                self.store.grants.expect(run, on_grant)
             else:
-                return "full"
-            self.store.insert_run(db, run, "starting" if admission == "now" else "queued")
+                admission = "full"
+            if admission != "full":
+                self.store.insert_run(db, run, "starting" if admission == "now" else "queued")
+            if admission == "queued":  # last: if it cannot wait here, the row is rolled back
+                self.store.grants.expect(run, on_grant)
+        self.store.grants.start(granted)  # (after the commit: a rolled-back grant is no grant)
         return admission
 
     def withdraw(self, run: Run) -> bool:
@@ -1650,12 +1659,12 @@ class ConcurrencyLimit:
         self.store.grants.start(granted)
 
     def set_limits(self, limit: int, queue_size: int):
-        """New limits (reload); a raised limit admits waiting requests at once."""
+        """New limits (reload); a raised limit admits waiting requests at once, and a lifted
+        one (0) the whole line."""
         self.limit, self.queue_size = limit, queue_size
         with self.store.transaction() as db:
             db.execute("INSERT OR REPLACE INTO limits (task, max_running) VALUES (?, ?)", (self.task_name, limit))
-        if limit:
-            self.promote()
+        self.promote()
 
 
 def promote_queued(db, task_name: str, limit: int) -> list[tuple[str, int]]:
@@ -1686,11 +1695,18 @@ class Grants:
             return sum(1 for task, _ in self._waiting.values() if task == task_name)
 
     def expect(self, run: Run, on_grant):
+        """Wait here for ``run``'s grant. Reject(503) when the poller thread cannot start (a
+        process or thread limit): the caller's transaction then takes back its place in line."""
         with self._lock:
-            self._waiting[run.id] = (run.task.name, on_grant)
             if not self._polling:
+                try:
+                    threading.Thread(target=self._poll, name="rtask-grants", daemon=True).start()
+                except (RuntimeError, MemoryError) as e:
+                    log.warning("cannot start a thread", extra={"fields": {"thread": "rtask-grants", "problem": str(e)}})
+                    raise Reject(503, "unavailable", "The server cannot take more work right now; retry shortly.",
+                                 None, [("Retry-After", "1")]) from None
                 self._polling = True
-                threading.Thread(target=self._poll, name="rtask-grants", daemon=True).start()
+            self._waiting[run.id] = (run.task.name, on_grant)
 
     def forget(self, run_id: str):
         with self._lock:
@@ -1719,7 +1735,10 @@ class Grants:
             except sqlite3.Error as e:  # a busy database: try again on the next round
                 log.warning("cannot read granted slots", extra={"fields": {"problem": str(e)}})
                 continue
-            self.start(granted)
+            try:
+                self.start(granted)
+            except Exception:  # a bug in one start must not stop the runs waiting behind it
+                log.exception("internal error while starting a granted run")
 
 
 class Argon2Slots:
@@ -1738,7 +1757,11 @@ class Argon2Slots:
         deadline = time.monotonic() + timeout
         while True:
             for path in self.paths:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                except OSError as e:  # out of descriptors: no slot now (the caller answers 503)
+                    log.warning("cannot open an Argon2 slot", extra={"fields": {"problem": e.strerror}})
+                    return False
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -1876,12 +1899,18 @@ def parse_parameters(where, table, command, problems: Problems) -> tuple[Paramet
         if other != name:
             problems.errors.append(f"{where}: parameters {other!r} and {name!r} both become {spec.env_name}")
         specs.append(spec)
-    declared = set(table)
+    declared = {spec.name: spec for spec in specs}
     for element in command or ():
         found = _ARGUMENT_RE.fullmatch(element)
-        if found and found.group(1) not in declared:
+        if found and found.group(1) not in table:
             problems.errors.append(f"{where}: field 'command' has {element!r} but the task declares no "
                                    f"parameter {found.group(1)!r}")
+        elif found and found.group(1) in declared and declared[found.group(1)].secret:
+            # Every local user can read a process's arguments (ps, /proc/<pid>/cmdline), and a
+            # program that cannot start is named in the run's stderr: a secret goes by env only.
+            problems.errors.append(f"{where}: field 'command' has {element!r}, but parameter {found.group(1)!r} "
+                                   f"is secret: a command reads it from ${declared[found.group(1)].env_name}, "
+                                   f"since arguments are visible to every local user")
     return tuple(specs)
 
 
@@ -3534,13 +3563,18 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.request.settimeout(SOCKET_WRITE_TIMEOUT)
         self.handshake_failed = False
         if self.server.tls:
-            self.request.settimeout(REQUEST_READ_TIMEOUT)
+            # A handshake is bounded as a whole (not per read) and counts as idle: at the
+            # connection cap, a client that never finishes it is closed first to make room.
+            raw = self.request
+            self.server.watchdog.arm(raw, REQUEST_READ_TIMEOUT, idle=True)
             try:
-                self.request = self.server.tls.wrap_socket(self.request, server_side=True)
+                self.request = self.server.tls.wrap_socket(raw, server_side=True)
                 self.request.settimeout(SOCKET_WRITE_TIMEOUT)
             except OSError as e:  # ssl.SSLError included: a client that cannot speak TLS
                 log.debug("TLS handshake failed", extra={"fields": {"client": self.client_address[0], "problem": str(e)}})
                 self.handshake_failed = True
+            finally:
+                self.server.watchdog.disarm(raw)
         super().setup()
 
     def handle(self):
@@ -3678,6 +3712,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.request_version == "HTTP/1.0" and connection != "keep-alive")
         if target[:8].lower().startswith(("http://", "https://")):  # absolute form: http://host/path
             target = "/" + target.split("://", 1)[1].partition("/")[2]
+        self.target = target  # as sent (origin form), for a request forwarded to another worker
         path, _, query = target.partition("?")
         if not path.startswith("/"):  # "*" (OPTIONS), "host:port" (CONNECT) or garbage
             raise Reject(400, "bad_request", "The request target must be a path.")
@@ -4728,6 +4763,11 @@ FORWARDED_CLIENT_HEADER = "X-Rtask-Client"
 FORWARD_TIMEOUT = MAX_LONG_POLL_SECONDS + SSE_HEARTBEAT_SECONDS + 15  # silence from the owner's answer
 
 
+def owner_unreachable() -> Reject:
+    return Reject(503, "unavailable", "The worker running this run cannot be reached; retry shortly.",
+                  None, [("Retry-After", "1")])
+
+
 def worker_socket_path(state_dir: str, pid: int) -> str:
     return os.path.join(state_dir, "workers", f"{pid}.sock")
 
@@ -4740,18 +4780,22 @@ def forwarded_to_owner(h: RequestHandler, run: Run) -> bool:
     answers from the run's row until the supervisor records its end)."""
     if run.done.is_set() or run.owner == os.getpid() or getattr(h, "forwarded", False):
         return False
-    upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError:  # out of descriptors
+        raise owner_unreachable() from None
     upstream.settimeout(FORWARD_TIMEOUT)
     try:
         upstream.connect(worker_socket_path(h.app.store.directory, run.owner))
     except OSError:
+        # It died (the supervisor records its runs' end in a moment) or its line is full:
+        # the stored row is a snapshot that no longer changes, so nothing is answered from it.
         upstream.close()
-        return False
+        raise owner_unreachable() from None
     with upstream:
         h.discard_body()
         h.close_connection = True
-        target = h.path + ("?" + urlencode(h.query, doseq=True) if h.query else "")
-        head = [f"{h.command} {quote(target, safe='/?=&')} HTTP/1.1", f"{FORWARDED_CLIENT_HEADER}: {h.client()}"]
+        head = [f"{h.command} {h.target} HTTP/1.1", f"{FORWARDED_CLIENT_HEADER}: {h.client()}"]
         head += [f"{name}: {value}" for name, values in h.headers.items()
                  if name not in ("connection", "content-length", "transfer-encoding", FORWARDED_CLIENT_HEADER.lower())
                  for value in values]
@@ -4784,7 +4828,7 @@ class _ForwardingListener(Server):
     """The API on ``<state dir>/workers/<pid>.sock`` (mode 0600) for the other workers."""
 
     def get_request(self):
-        request, _ = self.socket.accept()
+        request, _ = self.limit.accept(self.socket.accept)
         return request, ("worker", 0)  # the peer of a Unix socket has no address
 
 
@@ -4799,7 +4843,8 @@ def serve_forwarded_requests(app: App):
     os.chmod(path, 0o600)
     sock.listen(Server.request_queue_size)
     handler = type("BoundForwardedRequestHandler", (_ForwardedRequestHandler,), {"app": app})
-    server = _ForwardingListener(path, handler, app, bind_and_activate=False)
+    # Every request here comes from the other workers: one peer, which may use the whole cap.
+    server = _ForwardingListener(path, handler, app, per_address=MAX_CONNECTIONS, bind_and_activate=False)
     server.socket.close()
     server.socket = sock
     threading.Thread(target=server.serve_forever, name="rtask-forwarded", daemon=True).start()
@@ -5251,7 +5296,7 @@ def reload_files(args, app: App):
             log.warning(warning)
         problems.raise_if_errors()
         app.reload(config)
-    except ConfigError as e:
+    except (ConfigError, sqlite3.Error) as e:
         log.error("reload failed; the previous configuration stays in force", extra={"fields": {"problem": str(e)}})
         return
     app.keyring.reload_if_changed(force=True)
@@ -5553,7 +5598,6 @@ def cmd_call(args) -> int:
     url = args.url or os.environ.get("RTASK_URL") or "http://localhost:8800"
     client = CallClient(url, args.timeout)
     body = read_call_body(args)
-    from urllib.parse import quote
     path = "/tasks/" + quote(args.task, safe="")  # a name may hold ':', ' ', '?', '%', ...
     query = call_query(args.param)
     try:
@@ -5601,7 +5645,6 @@ def cmd_call(args) -> int:
 def call_query(params: list[str]) -> str:
     """``-p NAME=VALUE`` options as a query string ("?a=1&b=x%20y"; "" when none): every byte
     percent-encoded except unreserved characters, so a value arrives exactly as given."""
-    from urllib.parse import quote
     pairs = []
     for param in params:
         name, sep, value = param.partition("=")

@@ -9631,3 +9631,94 @@ def test_unusable_state_dir_and_worker_count_are_clear_errors(tmp_path):
                         cwd=tmp_path, timeout=30)
         assert out.returncode == 1 and message in out.stderr, (extra, out.stderr)
         assert "Traceback" not in out.stderr
+
+
+# =============================================================================================
+# Where the pieces meet: limits and reloads, forwarding, TLS at the connection cap, secrets
+# =============================================================================================
+
+
+def test_a_reload_that_lifts_the_concurrency_limit_starts_the_queued_runs(start_server, tmp_path):
+    """maxConcurrentTasks 1 → 0 by SIGHUP: the run waiting in line starts at once, not when
+    the running one ends (a lifted limit used to strand the line until a restart)."""
+    config = """
+        [tasks.slow]
+        command = ["sh", "-c", "sleep 6; echo done"]
+        apiKeyNames = ["ci"]
+        async = true
+        maxConcurrentTasks = {limit}
+        queueSize = 2
+        """
+    server, tokens = start_server(config.format(limit=1))
+    key = tokens["ci"]
+    first = server.post("slow", key=key).json["task_id"]
+    second = server.post("slow", key=key).json
+    assert second["status"] == "queued", second
+    (tmp_path / "config.toml").write_text(textwrap.dedent(config.format(limit=0)))
+    server.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: server.get(f"/tasks/slow/{second['task_id']}", key=key).json["status"] == "running",
+             timeout=3)
+    assert server.get(f"/tasks/slow/{first}", key=key).json["status"] == "running"
+
+
+def test_a_secret_parameter_cannot_be_a_command_argument(tmp_path):
+    """Arguments are visible to every local user (ps): a secret parameter goes by env only."""
+    (tmp_path / "config.toml").write_text(textwrap.dedent("""
+        [tasks.t]
+        command = ["./login.sh", "{token}"]
+        apiKeyNames = ["ci"]
+        [tasks.t.parameters.token]
+        type = "string"
+        secret = true
+        """))
+    out = rtask_cli("check-config", cwd=tmp_path)
+    assert out.returncode == 1, out
+    assert "task 't'" in out.stderr and "'token'" in out.stderr and "RTASK_PARAM_TOKEN" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_requests_forwarded_to_another_worker_keep_their_path(wk_start):
+    """A task name with '?', '%' and ' ' (names are what Go accepts): every worker answers a
+    read of a running run, also when it forwards the request to the worker that runs it."""
+    server, tokens = wk_start("""
+        [tasks."odd?name %x"]
+        command = ["sh", "-c", "sleep 3; echo done"]
+        apiKeyNames = ["ci"]
+        async = true
+        """, run_args=("--workers", "4"))
+    key = tokens["ci"]
+    path = "/tasks/" + urllib.parse.quote("odd?name %x", safe="")
+    run_id = server.request("POST", path, key=key).json["task_id"]
+    answers = [server.get(f"{path}/{run_id}", key=key) for _ in range(16)]  # new connections: any worker
+    assert all(a.status == 200 and a.json["task_id"] == run_id for a in answers), answers
+
+
+def test_tls_handshakes_that_never_finish_do_not_lock_out_other_clients(tmp_path):
+    """At the connection cap, connections stuck in their TLS handshake are closed first to make
+    room, like idle keep-alive ones: a real client gets in at once."""
+    cert, key = _ig_make_certificate(tmp_path)
+    (tmp_path / "config.toml").write_text(_AV_CONFIG)
+    new_key(tmp_path, "ci")
+    server = _AvServer(tmp_path, run_args=("--tls-cert", str(cert), "--tls-key", str(key),
+                                           "--max-connections", "4", "--max-connections-per-address", "4"))
+    stuck = []
+    try:
+        for _ in range(4):
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            s.sendall(b"\x16\x03\x01\x00\xc8\x01")  # the start of a ClientHello, then nothing
+            stuck.append(s)
+        time.sleep(0.5)
+        context = ssl.create_default_context(cafile=str(cert))
+        started = time.monotonic()
+        conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=context, timeout=10,
+                                           source_address=("127.0.0.2", 0))  # another client
+        try:
+            conn.request("GET", "/health")
+            assert conn.getresponse().status == 200
+        finally:
+            conn.close()
+        assert time.monotonic() - started < 3
+    finally:
+        for s in stuck:
+            s.close()
+        server.stop()
