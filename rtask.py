@@ -3148,6 +3148,7 @@ class StateStore:
         self._lock_fd: int | None = None
         self._lock = threading.RLock()  # re-entered by a run written inside a limiter's transaction
         self._next_purge = 0.0
+        self._unsaved: dict[str, tuple] = {}  # run id → its end row that failed to be written
         self.grants = Grants(self)
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -3182,6 +3183,7 @@ class StateStore:
         """One write transaction (BEGIN IMMEDIATE: the write lock is taken at once, so what it
         reads cannot change before it writes), committed at the end, rolled back on error."""
         with self._lock:
+            self._write_unsaved()
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -3208,14 +3210,28 @@ class StateStore:
         """One statement per write. The row is taken from the run under the lock, so of two
         threads saving one run the later write holds the later state; an ended row is final.
         A write that fails (disk full, the database locked past its timeout) is logged and the
-        run goes on: its process is already running and its waiters must get their answer."""
+        run goes on: its process is already running and its waiters must get their answer. A
+        failed end is written again before every later write until it lands, since until then
+        its row still holds a concurrency slot."""
         with self._lock:
+            self._write_unsaved()
             row = self._row(run, run.status if expires_at else run.shown_status(), expires_at, retention)
             try:
                 self._db.execute(self._UPSERT, row)
             except sqlite3.Error as e:
                 log.error("cannot record a run in the state store", extra={"fields": {
                     "task_id": run.id, "state_dir": self.directory, "problem": str(e)}})
+                if expires_at is not None:
+                    self._unsaved[run.id] = row
+
+    def _write_unsaved(self):
+        """Under the lock: the ends that failed to be written, again (oldest first)."""
+        for run_id, row in list(self._unsaved.items()):
+            try:
+                self._db.execute(self._UPSERT, row)
+            except sqlite3.Error:
+                return
+            del self._unsaved[run_id]
 
     @staticmethod
     def _row(run: Run, status: str, expires_at: float | None, retention: float | None) -> tuple:

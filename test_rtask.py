@@ -9722,3 +9722,32 @@ def test_tls_handshakes_that_never_finish_do_not_lock_out_other_clients(tmp_path
         for s in stuck:
             s.close()
         server.stop()
+
+
+def test_a_run_end_the_store_could_not_write_frees_its_slot_once_written(start_server, tmp_path):
+    """The state database is locked past its busy timeout while a run ends: the end is kept and
+    written with the next write, so the task's only slot comes back (it used to be held for
+    ever, every later request 429)."""
+    import sqlite3
+    server, tokens = start_server("""
+        [tasks.one]
+        command = ["sh", "-c", "sleep 1; echo ran"]
+        apiKeyNames = ["ci"]
+        async = true
+        maxConcurrentTasks = 1
+        """)
+    key = tokens["ci"]
+    first = server.post("one", key=key).json["task_id"]
+    db = sqlite3.connect(tmp_path / "rtask-state" / "state.db", timeout=10, isolation_level=None)
+    try:
+        db.execute("BEGIN EXCLUSIVE")  # every writer of the server waits, then fails
+        time.sleep(12)  # the run ends after 1 s; its end write times out after 10 s
+        db.execute("ROLLBACK")
+    finally:
+        db.close()
+    assert "cannot record a run in the state store" in server.log()
+    second = server.post("one", key=key)
+    assert second.status == 200, second
+    assert server.get(f"/tasks/one/{first}", key=key).json["status"] == "success"
+    result = server.get(f"/tasks/one/{second.json['task_id']}?wait=10", key=key).json
+    assert (result["status"], result["stdout"]) == ("success", "ran\n"), result
