@@ -3574,6 +3574,10 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     # -- connection ---------------------------------------------------------------------------
 
+    def authenticate(self) -> Caller:
+        """The request's credentials as a Caller, or Reject(401)."""
+        return self.app.auth.authenticate(self.headers)
+
     def setup(self):
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.request.settimeout(SOCKET_WRITE_TIMEOUT)
@@ -3942,9 +3946,9 @@ def task_state(h: RequestHandler, name: str) -> TaskState:
 
 
 def authorize(h: RequestHandler, permission: str) -> Caller:
-    caller = h.app.auth.authenticate(h.headers)
-    require_permission(caller, permission, h.app.metrics)
-    return caller
+    h.caller = h.authenticate()
+    require_permission(h.caller, permission, h.app.metrics)
+    return h.caller
 
 
 def find_run(state: TaskState, run_id: str) -> Run:
@@ -4147,7 +4151,7 @@ def delete_run(h: RequestHandler, name: str, run_id: str):
 
 def list_tasks(h: RequestHandler):
     """GET /tasks: the tasks the caller may run, with their limits."""
-    caller = h.app.auth.authenticate(h.headers)
+    caller = h.authenticate()
     names = [n for n in h.app.tasks if holds_permission(caller.grants, f"tasks:list:{n}")]
     if not names:
         require_permission(caller, "tasks:list", h.app.metrics)
@@ -4772,10 +4776,14 @@ def watch_supervisor(supervisor: int, state_dir: str):
 
 # -- any worker answers: forwarding to the worker that runs the run ---------------------------
 
-# The caller's address as the first worker resolved it (--trusted-proxy included), for the
-# owner's allowedNetworks check and logs. Believed only on the workers' Unix sockets (mode
-# 0600, reachable by the server's own user), and replaced there on every forwarded request.
+# What the first worker found out about a request, for the worker it forwards it to: the
+# caller's address (--trusted-proxy included: for allowedNetworks and logs) and who the caller
+# is (so the credential is not checked, counted and maybe Argon2-hashed a second time).
+# Believed only on the workers' Unix sockets (mode 0600, reachable by the server's own user);
+# a client's own headers of these names are dropped there, and ignored over TCP.
 FORWARDED_CLIENT_HEADER = "X-Rtask-Client"
+FORWARDED_CALLER_HEADER = "X-Rtask-Caller"
+_FORWARDING_HEADERS = {FORWARDED_CLIENT_HEADER.lower(), FORWARDED_CALLER_HEADER.lower()}
 FORWARD_TIMEOUT = MAX_LONG_POLL_SECONDS + SSE_HEARTBEAT_SECONDS + 15  # silence from the owner's answer
 
 
@@ -4811,9 +4819,11 @@ def forwarded_to_owner(h: RequestHandler, run: Run) -> bool:
     with upstream:
         h.discard_body()
         h.close_connection = True
-        head = [f"{h.command} {h.target} HTTP/1.1", f"{FORWARDED_CLIENT_HEADER}: {h.client()}"]
+        caller = {"name": h.caller.name, "kind": h.caller.kind, "grants": sorted(h.caller.grants)}
+        head = [f"{h.command} {h.target} HTTP/1.1", f"{FORWARDED_CLIENT_HEADER}: {h.client()}",
+                f"{FORWARDED_CALLER_HEADER}: {json.dumps(caller)}"]  # JSON escapes all but ASCII
         head += [f"{name}: {value}" for name, values in h.headers.items()
-                 if name not in ("connection", "content-length", "transfer-encoding", FORWARDED_CLIENT_HEADER.lower())
+                 if name not in ("connection", "content-length", "transfer-encoding", *_FORWARDING_HEADERS)
                  for value in values]
         try:
             # Header values are the client's bytes (read as UTF-8 with surrogateescape): sent back as they came.
@@ -4833,6 +4843,15 @@ class _ForwardedRequestHandler(RequestHandler):
 
     def client(self) -> str:
         return self.headers.get(FORWARDED_CLIENT_HEADER.lower()) or "worker"
+
+    def authenticate(self) -> Caller:
+        """The caller the forwarding worker authenticated (a request is only forwarded after
+        its credential passed there)."""
+        try:
+            fields = json.loads(self.headers.get(FORWARDED_CALLER_HEADER.lower()) or "")
+            return Caller(fields["name"], fields["kind"], frozenset(fields["grants"]))
+        except (ValueError, KeyError, TypeError):
+            raise unauthorized("invalid_header", "A forwarded request must name its caller.") from None
 
     def setup(self):
         self.request.settimeout(SOCKET_WRITE_TIMEOUT)

@@ -9751,3 +9751,21 @@ def test_a_run_end_the_store_could_not_write_frees_its_slot_once_written(start_s
     assert server.get(f"/tasks/one/{first}", key=key).json["status"] == "success"
     result = server.get(f"/tasks/one/{second.json['task_id']}?wait=10", key=key).json
     assert (result["status"], result["stdout"]) == ("success", "ran\n"), result
+
+
+def test_a_forwarded_request_checks_and_counts_its_credential_once(wk_start):
+    """Reads of a run that another worker runs are forwarded to it: the credential is checked
+    (and counted in auth_requests_total) by the worker that took the request, not again."""
+    server, tokens = wk_start("""
+        [tasks.slow]
+        command = ["sh", "-c", "sleep 4; echo done"]
+        apiKeyNames = ["ci"]
+        async = true
+        """, run_args=("--workers", "4"))
+    key = tokens["ci"]
+    run_id = server.post("slow", key=key).json["task_id"]
+    answers = [server.get(f"/tasks/slow/{run_id}", key=key) for _ in range(16)]
+    assert all(a.status == 200 and a.json["status"] == "running" for a in answers), answers
+    wait_for(lambda: server.metric("auth_requests_total", method="api_key", result="success") >= 17)
+    time.sleep(0.5)
+    assert server.metric("auth_requests_total", method="api_key", result="success") == 17
