@@ -159,7 +159,7 @@ DISCARD_BODY_LIMIT = 1 << 20  # unread bodies up to this size are drained to kee
 READ_CHUNK = 65536
 PIPE_GRACE_SECONDS = 0.5  # after a normal exit, how long to wait for pipes held by daemons
 KILL_GRACE_SECONDS = 2.0  # SIGTERM → SIGKILL: time for a task to clean up before it is killed
-MAX_RUNS_IN_FLIGHT = 512  # server-wide bound on running processes, whatever the task limits
+MAX_RUNS_IN_FLIGHT = 512  # running processes per worker, whatever the task limits
 MAX_RESULTS_KEPT = 1000  # per task: finished results kept for polling (oldest dropped first)
 MAX_SECONDS = 365 * 86400  # the largest duration a config may give (one year)
 MAX_LONG_POLL_SECONDS = 60.0  # GET ...?wait=S waits at most this long
@@ -1563,22 +1563,19 @@ class ConcurrencyLimit:
       when it freed the slot itself, else from its poller (every GRANT_POLL_SECONDS, only while
       it has runs in line). A dead worker's rows are ended by the supervisor, which frees
       their slots.
-    - An unlimited task keeps a count in memory only (for /health/detailed): no lock is
-      shared for it."""
+    - An unlimited task takes no lock; its runs are counted (for /health/detailed) from the rows
+      their processes write when they start."""
 
     GRANT_POLL_SECONDS = 0.015
     HOLDING = ("starting", "granted", "running")  # row statuses that hold a slot
 
     def __init__(self, task_name: str, limit: int, queue_size: int, store: StateStore):
         self.task_name, self.store = task_name, store
-        self._unlimited_running = 0
-        self._count_lock = threading.Lock()
         self.set_limits(limit, queue_size)
 
     @property
     def running(self) -> int:
-        if not self.limit:
-            return self._unlimited_running
+        """Runs holding a slot (or, unlimited, running), in every process."""
         return self._count(self.HOLDING)
 
     @property
@@ -1606,8 +1603,6 @@ class ConcurrencyLimit:
         holding the slot, when one frees), else "full". One transaction: done as two steps, a
         slot freed in between would go to nobody while the newcomer waits for it."""
         if not self.limit:
-            with self._count_lock:
-                self._unlimited_running += 1
             return "now"
         granted = []
         with self.store.transaction() as db:
@@ -1644,12 +1639,10 @@ class ConcurrencyLimit:
         return bool(left)
 
     def release(self):
-        """A run of this task has ended (its row says so): hand free slots to the line."""
-        if not self.limit:
-            with self._count_lock:  # (a run admitted before a reload lifted the limit held no count)
-                self._unlimited_running = max(0, self._unlimited_running - 1)
-            return
-        self.promote()
+        """A run of this task has ended (its row says so): hand free slots to the line. (A
+        lifted limit granted the whole line at once: set_limits.)"""
+        if self.limit:
+            self.promote()
 
     def promote(self):
         """Grant free slots to the first in line, in every process (the others' pollers start

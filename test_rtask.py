@@ -9769,3 +9769,17 @@ def test_a_forwarded_request_checks_and_counts_its_credential_once(wk_start):
     wait_for(lambda: server.metric("auth_requests_total", method="api_key", result="success") >= 17)
     time.sleep(0.5)
     assert server.metric("auth_requests_total", method="api_key", result="success") == 17
+
+
+def test_health_detailed_counts_the_runs_of_every_worker(wk_start):
+    """/health/detailed is the same whichever worker answers: a running run of an unlimited
+    task counts once, for every worker."""
+    server, tokens = wk_start("""
+        [tasks.free]
+        command = ["sh", "-c", "sleep 4"]
+        apiKeyNames = ["ci"]
+        async = true
+        """, run_args=("--workers", "4"))
+    server.post("free", key=tokens["ci"])
+    counts = [server.get("/health/detailed").json["tasks"]["free"]["running"] for _ in range(12)]
+    assert counts == [1] * 12, counts
