@@ -4815,9 +4815,10 @@ class Metrics:
 
     prometheus_client gives one bucket set per metric, but each task may configure its own
     (durationHistogramBuckets), so task_duration_seconds is one client Histogram per bucket set,
-    outside any registry; the rest are the client library's own types. Every value lives in the files of PROMETHEUS_MULTIPROC_DIR (set by the
-    supervisor), which the supervisor's MultiProcessCollector sums (its labels keep each task's
-    buckets apart); the queue gauge is the supervisor's (QueueLengths), read from the state store."""
+    outside any registry; the rest are the client library's own types. Every value lives in
+    the files of PROMETHEUS_MULTIPROC_DIR (set by the supervisor), which the supervisor's
+    MultiProcessCollector sums (its labels keep each task's buckets apart); the queue gauge is
+    the supervisor's (QueueLengths), read from the state store."""
 
     DEFAULT_BUCKETS = (.005, .01, .025, .05, .075, .1, .25, .5, .75, 1.0, 2.5, 5.0, 7.5, 10.0)
 
