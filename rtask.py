@@ -3103,8 +3103,8 @@ class StateStore:
     - Ended rows are kept until ``expires_at`` (wall clock: asyncResultRetentionSeconds after
       the end) and at most MAX_RESULTS_KEPT per task, oldest ended first; readers never see an
       expired row, and the purge runs on writes at most every PURGE_INTERVAL seconds.
-    - ``open_exclusive`` is for the one process that owns the directory (the server, or the
-      supervisor of its workers): it holds ``<state dir>/lock`` for its lifetime, so a second
+    - ``open_exclusive`` is for the one process that owns the directory (the supervisor of
+      the workers): it holds ``<state dir>/lock`` for its lifetime, so a second
       server on the same directory is refused, and it stops what a crashed predecessor left.
     One connection per process behind a lock: SQLite serialises writers anyway, and a
     connection per handler thread would cost an open per connection (measured in bench/)."""
@@ -3487,7 +3487,7 @@ class App:
         self.draining = False
         self.inflight = 0  # requests being answered
         self._inflight_lock = threading.Lock()
-        metrics.configure(config, self.tasks)
+        metrics.configure(config)
 
     def prepare_auth(self):
         """The last step of start-up: fetch the JWKS (up to its 10-second timeout) while the
@@ -3504,7 +3504,7 @@ class App:
         known = self._dropped | self.tasks
         tasks = {name: known[name].reconfigure(task) if name in known else TaskState(task, self.store)
                  for name, task in config.tasks.items()}
-        self.metrics.configure(config, tasks)
+        self.metrics.configure(config)
         # A dropped task's state is kept: its running processes still hold slots and its runs
         # still end there, so a task that comes back finds its limits taken and its results.
         self._dropped = {n: s for n, s in known.items() if n not in tasks}
@@ -4503,15 +4503,13 @@ def _refuse_connection(sock):
         sock.close()
 
 
-def make_server(address: tuple[str, int], app: App, tls=None, trusted_proxies=(), sock=None,
+def make_server(sock: socket.socket, app: App, tls=None, trusted_proxies=(),
                 max_connections=MAX_CONNECTIONS, per_address=None) -> Server:
-    """The API server, bound to ``address``, or serving ``sock`` (a worker's inherited
-    listener, shared with the other workers: non-blocking, so that a worker that loses the
-    race for a connection returns to its loop instead of blocking in accept)."""
+    """The API server of a worker, serving ``sock`` (the listener the supervisor bound,
+    shared with the other workers: non-blocking, so that a worker that loses the race for a
+    connection returns to its loop instead of blocking in accept)."""
     handler = type("BoundRequestHandler", (RequestHandler,), {"app": app})
-    if sock is None:
-        return Server(address, handler, app, tls, trusted_proxies, max_connections, per_address)
-    server = Server(address, handler, app, tls, trusted_proxies, max_connections, per_address,
+    server = Server(sock.getsockname(), handler, app, tls, trusted_proxies, max_connections, per_address,
                     bind_and_activate=False)
     server.socket.close()
     sock.setblocking(False)
@@ -4540,7 +4538,7 @@ def parse_workers(text: str) -> int:
 
 
 def bind_listener(address: tuple[str, int]) -> socket.socket:
-    """The API's listening socket, made as the single-process Server makes its own."""
+    """The API's listening socket, bound by the supervisor and served by every worker."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -4553,13 +4551,17 @@ def bind_listener(address: tuple[str, int]) -> socket.socket:
 
 
 class Supervisor:
-    """``run --workers N`` (N > 1): one supervising process and N worker processes that serve
-    the API on the listening socket the supervisor bound and passed on.
+    """``run --workers N`` (every ``run``; N = 1 by default): one supervising process and N
+    worker processes that serve the API on the listening socket the supervisor bound and
+    passed on. The supervisor serves /metrics (the workers' values summed) and logs
+    "rtask listening" once its workers serve; it runs no task itself.
 
-    - Start-up fails as the single server's does: signal handlers first, then config and keys
-      validated, the state directory taken (lock, crash recovery), the listeners bound; only
-      then are workers started, each re-executing rtask.py (``_worker``): never a fork of this
-      process, whose threads (metrics) a fork would copy in an unknown state.
+    - Start-up: signal handlers first (a SIGHUP sent as soon as the port answers must reload,
+      not kill: its default action), then config and keys validated, the state directory
+      taken (lock, crash recovery), the listeners bound, each user mistake one ConfigError
+      sentence; only then are workers started, each re-executing rtask.py (``_worker``):
+      never a fork of this process, whose threads (metrics) a fork would copy in an unknown
+      state.
     - SIGHUP: the config is validated here, then the signal goes to every worker (each
       reloads config and keys); an invalid config is logged and not passed on.
     - SIGTERM/SIGINT: every worker gets SIGTERM, drains, and exits; then the supervisor exits 0.
@@ -4601,7 +4603,7 @@ class Supervisor:
         self.task_names = list(config.tasks)
         registry = self._metrics_registry()
         self.metrics_server = listen(args.metrics_address, lambda: start_metrics_server(
-            *metrics_address, None, args.tls_cert, args.tls_key, registry))
+            *metrics_address, registry, args.tls_cert, args.tls_key))
         for _ in range(self.count):
             self._start_worker()
         self._wait_until_serving()
@@ -4662,8 +4664,7 @@ class Supervisor:
         args = self.args
         argv = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--api-keys-file",
                 args.api_keys_file, "--log-format", args.log_format, "_worker", "--listen-fd",
-                str(self.listener.fileno()), "--state-dir", self.store.directory,
-                "--api-address", args.api_address, "--metrics-address", args.metrics_address]
+                str(self.listener.fileno()), "--state-dir", self.store.directory]
         if args.tls_cert:
             argv += ["--tls-cert", args.tls_cert, "--tls-key", args.tls_key]
         for proxy in args.trusted_proxy:
@@ -4884,29 +4885,24 @@ def serve_forwarded_requests(app: App):
 
 
 class Metrics:
-    """The Prometheus metrics of README §11 and §9, in the default registry (whose process and
-    platform collectors stay on).
+    """The Prometheus metrics of README §11 and §8, as a worker records them.
 
     prometheus_client gives one bucket set per metric, but each task may configure its own
     (durationHistogramBuckets), so task_duration_seconds is one client Histogram per bucket set,
-    outside any registry, exposed as one family by ``collect``; the rest are the client
-    library's own types. In a worker (PROMETHEUS_MULTIPROC_DIR set by the supervisor) every
-    value lives in the directory's files, which the supervisor's MultiProcessCollector sums
-    (its labels keep each task's buckets apart); the queue gauge is then the supervisor's
-    (QueueLengths), read from the state store."""
+    outside any registry; the rest are the client library's own types. Every value lives in
+    the files of PROMETHEUS_MULTIPROC_DIR (set by the supervisor), which the supervisor's
+    MultiProcessCollector sums (its labels keep each task's buckets apart); the queue gauge is
+    the supervisor's (QueueLengths), read from the state store."""
 
     DEFAULT_BUCKETS = (.005, .01, .025, .05, .075, .1, .25, .5, .75, 1.0, 2.5, 5.0, 7.5, 10.0)
 
     def __init__(self):
-        from prometheus_client import Counter, Gauge, Histogram
+        from prometheus_client import Counter, Histogram
         self._buckets: dict[str, tuple[float, ...]] = {}
         self._durations: dict[tuple[float, ...], Histogram] = {}  # bucket set → its histogram
         self._lock = threading.Lock()
-        self.in_worker = "PROMETHEUS_MULTIPROC_DIR" in os.environ
         self.rejections = Counter("task_rejection_total", "Requests refused before running, by reason.",
                                   ["handler", "reason"])
-        self.queue_length = Gauge("task_queue_length", "Requests waiting for a concurrency slot.", ["handler"])
-        self._queue_gauges: set[str] = set()
         self.auth_requests = Counter("auth_requests_total", "Credential checks.", ["method", "result"])
         self.auth_failures = Counter("auth_failures_total", "Failed credential checks, by reason.", ["reason"])
         self.permission_denials = Counter("permission_denials_total", "Valid credentials lacking a permission.",
@@ -4943,9 +4939,9 @@ class Metrics:
     def jwt_verification(self, seconds: float, result: str):
         self.jwt_seconds.labels(result).observe(seconds)
 
-    def configure(self, config: Config, states: dict[str, TaskState]):
-        """Per-task buckets and queue gauges, at start and on reload. A task whose buckets
-        changed starts new series (old counts in other buckets cannot be carried over)."""
+    def configure(self, config: Config):
+        """Per-task buckets, at start and on reload. A task whose buckets changed starts new
+        series (old counts in other buckets cannot be carried over)."""
         buckets = {name: t.histogram_buckets or self.DEFAULT_BUCKETS for name, t in config.tasks.items()}
         with self._lock:
             changed = {name for name in self._buckets if buckets.get(name) != self._buckets[name]}
@@ -4955,13 +4951,6 @@ class Metrics:
             for labels in [k for k in histogram._metrics if k[0] in changed]:
                 histogram.remove(*labels)
         self._preinitialise(config)
-        if self.in_worker:
-            return  # the supervisor's QueueLengths reports the queues of every worker
-        for name in set(self._queue_gauges) - set(states):
-            self.queue_length.remove(name)
-        self._queue_gauges = set(states)
-        for name, state in states.items():
-            self.queue_length.labels(name).set_function(lambda s=state: s.slots.queued)
 
     # README §5's table: the reasons every task can be refused for, as in the Go RTask.
     REJECTION_REASONS = ("missing_key", "invalid_header", "invalid_key_encoding", "invalid_key",
@@ -4998,31 +4987,12 @@ class Metrics:
             names.add(task.signed_webhook.provider)
         return names
 
-    def collect(self):
-        """task_duration_seconds: the samples of every bucket set's histogram, one family."""
-        from prometheus_client.core import HistogramMetricFamily
-        family = HistogramMetricFamily("task_duration_seconds", "Duration of task executions.",
-                                       labels=["handler", "api_key_used", "status"])
-        with self._lock:
-            histograms = list(self._durations.values())
-        for histogram in histograms:
-            for metric in histogram.collect():
-                family.samples.extend(metric.samples)
-        yield family
 
-    def describe(self):
-        return []
-
-
-def start_metrics_server(host: str, port: int, metrics: Metrics | None, cert=None, key=None, registry=None):
-    """Serve /metrics with the client library's own server (HTTPS with the API's certificate
-    when given; its default context allows TLS 1.2 or newer); returns that server (its
-    ``server_address`` holds the bound port). The registry is the default one with
-    ``metrics``, or the supervisor's ``registry``."""
-    from prometheus_client import REGISTRY, start_http_server
-    if registry is None:
-        registry = REGISTRY
-        registry.register(metrics)
+def start_metrics_server(host: str, port: int, registry, cert=None, key=None):
+    """Serve the supervisor's ``registry`` on /metrics with the client library's own server
+    (HTTPS with the API's certificate when given; its default context allows TLS 1.2 or
+    newer); returns that server (its ``server_address`` holds the bound port)."""
+    from prometheus_client import start_http_server
     httpd, _ = start_http_server(port, addr=host, certfile=cert, keyfile=key, registry=registry)
     _bound_connections(httpd)
     _answer_head_like_get(httpd)
@@ -5184,36 +5154,31 @@ def load_everything(args) -> tuple[Config, dict[str, StoredKey], Problems]:
 
 
 def cmd_run(args) -> int:
-    workers = parse_workers(args.workers)
-    if workers > 1:
-        return Supervisor(args, workers).run()
-    return serve(args)
+    """``run``: the supervisor, with --workers worker processes (see Supervisor)."""
+    return Supervisor(args, parse_workers(args.workers)).run()
 
 
 def cmd_worker(args) -> int:
     """The hidden ``_worker`` command: one of the supervisor's workers (see Supervisor)."""
     watch_supervisor(os.getppid(), state_directory(args))
-    return serve(args, socket.socket(fileno=args.listen_fd))
+    return serve_worker(args, socket.socket(fileno=args.listen_fd))
 
 
-def serve(args, sock=None) -> int:
-    """Serve the API until SIGTERM/SIGINT: alone (binding the listener, serving metrics,
-    owning the state directory), or as a worker on the supervisor's listener ``sock``."""
+def serve_worker(args, sock: socket.socket) -> int:
+    """A worker's body: serve the API on the supervisor's listener ``sock`` until SIGTERM/
+    SIGINT (drain, exit 0); SIGHUP reloads config, keys and the API's TLS pair. The
+    supervisor has validated everything and owns the state directory and /metrics."""
     config, keys, problems = load_everything(args)
     for warning in problems.warnings:
         log.warning(warning)
     problems.raise_if_errors()
-    api = parse_address(args.api_address, "--api-address")
-    metrics_address = parse_address(args.metrics_address, "--metrics-address")
     tls = tls_context(args.tls_cert, args.tls_key)
     trusted_proxies = parse_networks(args.trusted_proxy, "--trusted-proxy")
     metrics = Metrics()
-    store = StateStore(state_directory(args)) if sock else StateStore.open_exclusive(state_directory(args))
+    store = StateStore(state_directory(args))
     app = App(config, KeyRing(args.api_keys_file, keys, Argon2Slots(store.directory)), metrics, store)
-    if sock is None:
-        warn_if_keys_missing(args, config)
-    # Signals are caught before any listener is bound: a SIGHUP sent as soon as the port
-    # answers must reload, not kill (its default action). They wait in line until the loop below.
+    # Signals are caught before this worker serves: a SIGHUP the supervisor passes on must
+    # reload, not kill (its default action). They wait in line until the loop below.
     signals: collections.deque = collections.deque()
     wake = threading.Event()
 
@@ -5223,23 +5188,13 @@ def serve(args, sock=None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    server = listen(args.api_address, lambda: make_server(api, app, tls, trusted_proxies, sock, args.max_connections,
-                                                          args.max_connections_per_address))
-    metrics_server = None if sock else listen(
-        args.metrics_address, lambda: start_metrics_server(*metrics_address, metrics, args.tls_cert, args.tls_key))
+    server = make_server(sock, app, tls, trusted_proxies, args.max_connections, args.max_connections_per_address)
     gc.freeze()  # start-up objects never become garbage; keep them out of every collection
-    if sock is not None:
-        serve_forwarded_requests(app)
+    serve_forwarded_requests(app)
     if not start_thread(server.serve_forever, "rtask-accept"):
         raise ConfigError("cannot start the thread that accepts connections; check the process limit "
                           "(ulimit -u, systemd TasksMax)")
-    if sock is None:
-        log.info("rtask listening", extra={"fields": {
-            "api": f"{'https' if tls else 'http'}://{api[0]}:{server.server_address[1]}",
-            "metrics": f"{metrics_address[0]}:{metrics_server.server_address[1]}", "tasks": len(config.tasks),
-            "keys": len(keys)}})
-    else:
-        log.debug("worker serving", extra={"fields": {"pid": os.getpid()}})
+    log.debug("worker serving", extra={"fields": {"pid": os.getpid(), "keys": len(keys)}})
     if app.starting and not start_thread(app.prepare_auth, "rtask-prepare"):
         app.prepare_auth()  # here, then: signals wait until it is done (at most the JWKS timeout)
     while True:
@@ -5250,7 +5205,7 @@ def serve(args, sock=None) -> int:
         while signals:
             if signals.popleft() == signal.SIGHUP:
                 reload_files(args, app)
-                reload_tls(args, server, metrics_server)
+                reload_tls(args, server, None)
             else:
                 drain(server, app)
                 return 0

@@ -116,6 +116,15 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def worker_pid(self) -> int:
+        """The pid of the supervisor's single worker (``run`` with the default --workers 1):
+        the process that serves the API and runs the tasks (``proc`` is the supervisor, which
+        serves /metrics). Waits until there is exactly one (a replaced one may be starting)."""
+        def single():
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+            return int(children[0]) if len(children) == 1 else None
+        return wait_for(single, timeout=15)
+
     def request(self, method, path, body=b"", key=None, headers=None, timeout=30) -> Response:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
@@ -3164,7 +3173,7 @@ def _lc_rss_kib(pid) -> int:
 
 
 def test_a_slow_event_reader_cannot_block_the_task_or_grow_the_server(_lc):
-    pid = _lc.server.proc.pid
+    pid = _lc.server.worker_pid()
     rss_before = _lc_rss_kib(pid)
     t0 = time.monotonic()
     run_id = _lc_post_async(_lc, "lc_big", "sleep 0.3; yes aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa | head -c 5000000; "
@@ -6116,7 +6125,7 @@ def test_resilience_wrong_key_flood_bounds_memory_and_serves_a_cached_key(start_
     they waited ARGON2_SLOT_WAIT_SECONDS. Peak RSS stays under baseline + bound × 64 MiB +
     50 MiB; a cached valid key is served during the flood; the server is fine afterwards."""
     server, tokens = start_server(_RS_CONFIG, keys=("ci",))
-    pid = server.proc.pid
+    pid = server.worker_pid()
     known_id = rtask.decode_api_key(tokens["ci"])[0]
     assert known_id == 0
 
@@ -6436,7 +6445,7 @@ def test_resilience_1000_idle_and_half_sent_connections(start_server):
     addresses, 200 each: one address may hold only a share of the cap.)"""
     _rs_raise_nofile(1300)
     server, tokens = start_server(_RS_CONFIG, keys=("ci",))
-    pid = server.proc.pid
+    pid = server.worker_pid()
     assert _rs_post(server.port, "hello", tokens["ci"])[0] == 200  # cached from here on
     threads_before = _rs_proc_status(pid)["Threads"]
     socks: dict[socket.socket, str] = {}
@@ -6497,7 +6506,7 @@ def test_resilience_connection_cap_answers_503_then_recovers(start_server):
     cap = rtask.MAX_CONNECTIONS
     _rs_raise_nofile(cap + 300)
     server, tokens = start_server(_RS_CONFIG, keys=("ci",))
-    pid = server.proc.pid
+    pid = server.worker_pid()
     assert _rs_post(server.port, "hello", tokens["ci"])[0] == 200
     threads_before = _rs_proc_status(pid)["Threads"]
     socks = []
@@ -7060,7 +7069,7 @@ def test_metrics_listener_bounds_its_connections_and_drops_silent_ones(start_ser
     """Half-sent scrapes hold at most METRICS_MAX_CONNECTIONS threads (from one address: its
     share of them), each for at most METRICS_SOCKET_TIMEOUT; then /metrics answers again."""
     server, _ = start_server(_RS_CONFIG, keys=())
-    pid = server.proc.pid
+    pid = server.proc.pid  # the supervisor serves /metrics
     threads_before = _rs_proc_status(pid)["Threads"]
     socks = {}
     try:
@@ -8217,22 +8226,26 @@ def test_av_thread_that_cannot_start_gives_its_slot_back(_av_user):
         subprocess.run(["chown", "-R", f"{_av_user}:{_av_user}", str(work)], check=True)
         server = _AvServer(work, prefix=_av_as_user_prefix(_av_user, scratch))
         try:
-            pid = server.proc.pid
-            uid = int(re.search(r"^Uid:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M).group(1))
-            assert uid != 0, "the server must run as the ordinary user"
+            pids = [server.proc.pid, server.worker_pid()]  # the supervisor (metrics), the worker (API)
+            for pid in pids:
+                uid = int(re.search(r"^Uid:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M).group(1))
+                assert uid != 0, "the server must run as the ordinary user"
             assert b" 200 " in _av_get(server.port).split(b"\r\n")[0]
             time.sleep(1.0)  # the thread of that connection has ended
-            tasks = _rs_proc_status(pid)["Threads"]
+            # RLIMIT_NPROC counts every thread of the user: both processes' threads are its all.
+            tasks = sum(_rs_proc_status(pid)["Threads"] for pid in pids)
             before = len(server.log())
             # (as the user itself: the kernel here refuses root's prlimit on another user's process)
             as_user = ["setpriv", f"--reuid={_av_user}", f"--regid={_av_user}", "--clear-groups", "prlimit"]
-            hard = re.search(r"^Max processes\s+\S+\s+(\S+)", Path(f"/proc/{pid}/limits").read_text(), re.M)[1]
-            subprocess.run([*as_user, f"--pid={pid}", f"--nproc={tasks}:"], check=True)
+            hard = re.search(r"^Max processes\s+\S+\s+(\S+)", Path(f"/proc/{pids[0]}/limits").read_text(), re.M)[1]
+            for pid in pids:
+                subprocess.run([*as_user, f"--pid={pid}", f"--nproc={tasks}:"], check=True)
             try:
                 answers = [_av_get(server.port, timeout=5) for _ in range(1100)]
                 scrapes = [_av_get(server.metrics_port, "/metrics", timeout=5) for _ in range(100)]
             finally:
-                subprocess.run([*as_user, f"--pid={pid}", f"--nproc={hard}:"], check=True)
+                for pid in pids:
+                    subprocess.run([*as_user, f"--pid={pid}", f"--nproc={hard}:"], check=True)
             served = [a for a in answers if b" 200 " in a.split(b"\r\n")[0]]
             assert not served, "threads could start after all: the limit did not bind"
             refused = [a for a in answers if a.startswith(b"HTTP/1.1 503 ")]
@@ -8316,7 +8329,7 @@ def test_av_full_cap_of_idle_connections_makes_room(tmp_path):
             s = _av_connect(server.port)
             s.sendall(b"GET /health HTTP/1.1\r\nX-Partial: a")
             busy.append(s)
-        wait_for(lambda: _rs_proc_status(server.proc.pid)["Threads"] >= 8, timeout=5)
+        wait_for(lambda: _rs_proc_status(server.worker_pid())["Threads"] >= 8, timeout=5)
         answer = _av_get(server.port, source="127.0.0.5")
         assert answer.startswith(b"HTTP/1.1 503 ") and b"\r\nRetry-After: 1\r\n" in answer, answer[:200]
     finally:
@@ -8346,7 +8359,7 @@ def test_av_accept_backs_off_when_out_of_descriptors(tmp_path):
     server = _AvServer(tmp_path, prefix=["prlimit", "--nofile=64:64"])
     socks = []
     try:
-        pid = server.proc.pid
+        pids = [server.proc.pid, server.worker_pid()]  # the supervisor (metrics), the worker (API)
         before = len(server.log())
         for port in [server.port] * 200 + [server.metrics_port] * 20:
             s = socket.socket()
@@ -8354,9 +8367,9 @@ def test_av_accept_backs_off_when_out_of_descriptors(tmp_path):
             s.connect_ex(("127.0.0.1", port))
             socks.append(s)
         time.sleep(1.0)  # the server runs out of descriptors
-        cpu, start = _av_cpu_seconds(pid), time.monotonic()
+        cpu, start = sum(map(_av_cpu_seconds, pids)), time.monotonic()
         time.sleep(2.0)
-        per_second = (_av_cpu_seconds(pid) - cpu) / (time.monotonic() - start)
+        per_second = (sum(map(_av_cpu_seconds, pids)) - cpu) / (time.monotonic() - start)
         _rs_note("CPU s/s while out of descriptors", round(per_second, 3))
         assert per_second < 0.3, f"{per_second:.2f} s of CPU per second while it cannot accept"
         lines = _av_log_lines_since(server, before)
@@ -8582,7 +8595,7 @@ def test_av_process_that_cannot_start_for_want_of_descriptors_is_503(start_serve
         async = true
         maxConcurrentTasks = 1
         ''')
-    pid = server.proc.pid
+    pid = server.worker_pid()
     soft = resource.prlimit(pid, resource.RLIMIT_NOFILE)[0]
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     headers = {"Authorization": f"Bearer {tokens['ci']}", "Content-Length": "0"}
@@ -8616,7 +8629,7 @@ def test_av_key_check_without_memory_is_503_and_recovers(start_server):
     a key check is answered 503 with Retry-After and one log line, no traceback, no 500;
     with memory back, the same key works."""
     server, tokens = start_server(_AV_CONFIG)
-    pid = server.proc.pid
+    pid = server.worker_pid()
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     try:
         conn.request("GET", "/health")
@@ -9302,14 +9315,19 @@ def test_a_second_server_on_the_same_state_dir_is_refused(wk_start, tmp_path):
 
 
 def test_a_killed_server_leaves_no_run_unsupervised(wk_start, tmp_path):
-    """kill -9 of the server: the next server on the state directory stops the run's process
-    group (TERM, then KILL) and records the run as failure with the reason in stderr."""
+    """kill -9 of the whole server (supervisor and worker, neither able to react): the next
+    server on the state directory stops the run's process group (TERM, then KILL) and records
+    the run as failure with the reason in stderr."""
     server, tokens = wk_start(_WK_CONFIG, run_args=("--state-dir", str(tmp_path / "st")))
     key = tokens["ci"]
     run_id = server.post("later", key=key).json["task_id"]
     pgid = _wk_pgid_of_run(run_id)
+    worker = server.worker_pid()
+    os.kill(server.proc.pid, signal.SIGSTOP)  # it cannot replace the worker nor record its end
+    os.kill(worker, signal.SIGKILL)
     server.proc.kill()
     server.proc.wait()
+    wait_for(lambda: not pid_alive(worker), timeout=10)
     assert _wk_group_alive(pgid)  # nothing stopped it yet
     server, _ = wk_start(run_args=("--state-dir", str(tmp_path / "st")))
     wait_for(lambda: not _wk_group_alive(pgid), timeout=10)
@@ -9783,3 +9801,63 @@ def test_health_detailed_counts_the_runs_of_every_worker(wk_start):
     server.post("free", key=tokens["ci"])
     counts = [server.get("/health/detailed").json["tasks"]["free"]["running"] for _ in range(12)]
     assert counts == [1] * 12, counts
+
+
+# =============================================================================================
+# ===== Every run is supervised, also with one worker (issue 12 follow-up) =====
+# =============================================================================================
+
+
+def test_default_run_is_a_supervisor_with_one_worker(wk_start, tmp_path):
+    """``run`` with no --workers: the supervisor and exactly one worker, which runs the tasks;
+    the listening line counts it."""
+    server, tokens = wk_start(_WK_CONFIG)
+    worker = server.worker_pid()
+    assert _wk_worker_pids(server) == [worker]
+    run_id = server.post("later", key=tokens["ci"]).json["task_id"]
+    assert wait_for(lambda: _wk_owners(tmp_path, "later").get(run_id)) == worker
+    assert re.search(r"rtask listening\W.*workers=1", server.log()), server.log()
+
+
+def test_default_run_replaces_a_killed_worker_and_fails_its_run(wk_start, tmp_path):
+    """Default --workers 1, kill -9 of the worker: a new worker takes its place and serves;
+    the run it held is stopped (its process group) and ends ``failure`` with the reason."""
+    server, tokens = wk_start(_WK_CONFIG)
+    key = tokens["ci"]
+    run_id = server.post("later", key=key).json["task_id"]
+    pgid = _wk_pgid_of_run(run_id)
+    victim = server.worker_pid()
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: _wk_worker_pids(server) not in ([], [victim]), timeout=15)
+    wait_for(lambda: not _wk_group_alive(pgid), timeout=10)
+    result = wait_for(lambda: (r := server.get(f"/tasks/later/{run_id}", key=key).json)["status"] != "running"
+                      and r, timeout=15)
+    assert (result["status"], result["exit_code"]) == ("failure", -1), result
+    assert "worker process running this task died (signal 9)" in result["stderr"]
+    assert server.post("echo", key=key).json["stdout"] == "hi\n"  # the new worker serves
+    assert server.worker_pid() != victim
+    assert "worker died; starting another" in server.log()
+    assert server.stop() == 0
+
+
+def test_default_run_killed_supervisor_leaves_nothing_running(wk_start, tmp_path):
+    """Default --workers 1, kill -9 of the supervisor: the worker stops its run (recorded as
+    failure, naming the supervisor) and exits, and the port is freed."""
+    server, tokens = wk_start(_WK_CONFIG)
+    key = tokens["ci"]
+    run_id = server.post("later", key=key).json["task_id"]
+    pgid = _wk_pgid_of_run(run_id)
+    worker = server.worker_pid()
+    server.proc.kill()
+    server.proc.wait()
+    wait_for(lambda: not pid_alive(worker), timeout=15)
+    wait_for(lambda: not _wk_group_alive(pgid), timeout=10)
+
+    def nobody_listens():
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", server.port)) != 0
+    wait_for(nobody_listens, timeout=10)
+    server, _ = wk_start()
+    result = server.get(f"/tasks/later/{run_id}", key=key).json
+    assert (result["status"], result["exit_code"]) == ("failure", -1), result
+    assert "supervisor" in result["stderr"], result
