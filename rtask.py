@@ -4664,7 +4664,7 @@ class Supervisor:
         args = self.args
         argv = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--api-keys-file",
                 args.api_keys_file, "--log-format", args.log_format, "_worker", "--listen-fd",
-                str(self.listener.fileno()), "--state-dir", self.store.directory]
+                str(self.listener.fileno()), "--supervisor", str(os.getpid()), "--state-dir", self.store.directory]
         if args.tls_cert:
             argv += ["--tls-cert", args.tls_cert, "--tls-key", args.tls_key]
         for proxy in args.trusted_proxy:
@@ -5160,7 +5160,7 @@ def cmd_run(args) -> int:
 
 def cmd_worker(args) -> int:
     """The hidden ``_worker`` command: one of the supervisor's workers (see Supervisor)."""
-    watch_supervisor(os.getppid(), state_directory(args))
+    watch_supervisor(args.supervisor, state_directory(args))
     return serve_worker(args, socket.socket(fileno=args.listen_fd))
 
 
@@ -5748,6 +5748,9 @@ def build_parser() -> argparse.ArgumentParser:
         if action.dest not in ("help", "config", "api_keys_file", "log_format", "workers"):
             worker._add_action(action)
     worker.add_argument("--listen-fd", type=int, required=True)
+    # The supervisor's pid, given rather than read: a worker started just as its supervisor
+    # died would otherwise watch its new parent (init) and never notice.
+    worker.add_argument("--supervisor", type=int, required=True)
     command("add-key", cmd_add_key, "create a key and print it once").add_argument("name")
     command("list-keys", cmd_list_keys, "list key names and ids (never secrets)")
     command("remove-key", cmd_remove_key, "revoke a key").add_argument("name")
