@@ -39,6 +39,7 @@ TASK = "echo"
 COMMAND = ["/bin/echo", "hi"]
 START_TIMEOUT = 20.0  # seconds a server gets to answer after it is started
 STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
+BASE_REVISION = "969341f"  # the last single-process rtask, before workers and the durable store
 
 
 class BenchError(Exception):
@@ -436,6 +437,21 @@ def ceiling_posix_spawn(seconds):
         os.waitpid(pid, 0)
         n += 1
     return n / (time.perf_counter() - t0)
+
+
+def previous_design(revision: str, tmp: str, name: str = "rtask.py") -> str | None:
+    """A file of this repository (rtask.py, config.toml) as it was at git ``revision``, written
+    into ``tmp``; its path, or None (logged) when git or the revision cannot give it."""
+    try:
+        source = subprocess.run(["git", "-C", HERE, "show", f"{revision}:{name}"], capture_output=True,
+                                check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        log(f"no {name} at git revision {revision!r}: the previous design is not measured")
+        return None
+    path = os.path.join(tmp, f"{revision}-{name}")
+    with open(path, "wb") as f:
+        f.write(source)
+    return path
 
 
 def median_wall(argv, runs=10):

@@ -5,12 +5,13 @@ rtask.py, in one run.
 Prints, measured in the same run on the same machine with the shipped config.toml in a
 temporary directory (one key, ephemeral ports):
 - seconds from starting `run` to the "rtask listening" line: median of --runs starts, for
-  this rtask.py and for --base (default /work/main/rtask.py);
+  this rtask.py and for the previous design (--base REV, a git revision of this repository;
+  default: the last single-process rtask);
 - idle RSS (MiB, from /proc VmRSS) of every process of the server (the supervisor and its
   worker, or the base's single process), one second after that line;
 - the ratios this / base.
 
-    python3 bench/startup.py [--base PATH] [--runs 5]
+    python3 bench/startup.py [--base REV] [--runs 5]
 """
 
 import argparse
@@ -22,7 +23,9 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import BASE_REVISION, HERE, previous_design  # noqa: E402
+
 RTASK = os.path.join(HERE, "..", "rtask.py")
 
 
@@ -70,9 +73,10 @@ def start_once(rtask: str, directory: str) -> tuple[float, float, int]:
         proc.wait(30)
 
 
-def measure(rtask: str, runs: int) -> tuple[float, float, int]:
+def measure(rtask: str, config: str, runs: int) -> tuple[float, float, int]:
+    """Median start time and idle RSS of ``runs`` starts of ``rtask`` serving ``config``."""
     with tempfile.TemporaryDirectory(prefix="rtask-bench-startup-") as directory:
-        shutil.copy(os.path.join(HERE, "..", "config.toml"), directory)
+        shutil.copy(config, os.path.join(directory, "config.toml"))
         subprocess.run([sys.executable, rtask, "add-key", "ci"], cwd=directory, check=True,
                        stdout=subprocess.DEVNULL)
         samples = [start_once(rtask, directory) for _ in range(runs)]
@@ -82,11 +86,15 @@ def measure(rtask: str, runs: int) -> tuple[float, float, int]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", default="/work/main/rtask.py")
+    parser.add_argument("--base", default=BASE_REVISION, help=f"git revision (default {BASE_REVISION})")
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
-    base = measure(args.base, args.runs)
-    this = measure(RTASK, args.runs)
+    with tempfile.TemporaryDirectory(prefix="rtask-bench-base-") as tmp:
+        base_rtask, base_config = previous_design(args.base, tmp), previous_design(args.base, tmp, "config.toml")
+        if not (base_rtask and base_config):
+            raise SystemExit(f"no rtask.py and config.toml at git revision {args.base!r}")
+        base = measure(base_rtask, base_config, args.runs)  # each with the config it shipped with
+    this = measure(RTASK, os.path.join(HERE, "..", "config.toml"), args.runs)
     for name, (seconds, rss, count) in (("base", base), ("this", this)):
         print(f"{name}: start to 'rtask listening' {seconds:.3f} s (median of {args.runs}), "
               f"idle RSS {rss:.1f} MiB in {count} process(es)")

@@ -27,28 +27,11 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import (APT_LINE, HERE, HOST, TASK, BenchError, Server, add_key, ceiling_subprocess,  # noqa: E402
-                   free_port, load, log, rtask_cmd, run_main, start_webhook, verify_rtask, verify_webhook,
-                   wait_rtask_ready, write_rtask_config)
+from bench import (APT_LINE, BASE_REVISION, HERE, HOST, TASK, BenchError, Server, add_key,  # noqa: E402
+                   ceiling_subprocess, free_port, load, log, previous_design, rtask_cmd, run_main,
+                   start_webhook, verify_rtask, verify_webhook, wait_rtask_ready, write_rtask_config)
 
 CONNECTIONS = (4, 16, 64)
-BASE_REVISION = "969341f"  # the last single-process rtask, before workers and the durable store
-
-
-def previous_design(revision: str, tmp: str) -> str | None:
-    """rtask.py as it was at ``revision`` (from this repository's git history), or None."""
-    try:
-        source = subprocess.run(["git", "-C", HERE, "show", f"{revision}:rtask.py"], capture_output=True,
-                                check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        log(f"no rtask.py at git revision {revision!r}: the previous design is not measured")
-        return None
-    path = os.path.join(tmp, f"rtask-{revision}.py")
-    with open(path, "wb") as f:
-        f.write(source)
-    return path
-
-
 def _spawn_loop(seconds: float) -> int:
     end, n = time.perf_counter() + seconds, 0
     while time.perf_counter() < end:
