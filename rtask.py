@@ -39,6 +39,7 @@ import errno
 import fcntl
 import functools
 import gc
+import grp
 import hashlib
 import heapq
 import hmac
@@ -47,6 +48,7 @@ import json
 import logging
 import math
 import os
+import pwd
 import re
 import secrets
 import selectors
@@ -2331,22 +2333,16 @@ def _octal_umask(value):
     return int(value, 8)
 
 
-def _user_name(value):
-    import pwd
-    try:
-        pwd.getpwnam(_string(value))
-    except KeyError:
-        raise _Invalid(f"names the unknown user {value!r}") from None
-    return value
-
-
-def _group_name(value):
-    import grp
-    try:
-        grp.getgrnam(_string(value))
-    except KeyError:
-        raise _Invalid(f"names the unknown group {value!r}") from None
-    return value
+def _known(kind: str, lookup):
+    """A validator of a user or group name that must exist on this machine (``lookup`` is
+    pwd.getpwnam or grp.getgrnam)."""
+    def check(value):
+        try:
+            lookup(_string(value))
+        except KeyError:
+            raise _Invalid(f"names the unknown {kind} {value!r}") from None
+        return value
+    return check
 
 
 def _inherit_environment(value):
@@ -2371,8 +2367,8 @@ def _networks(value):
 
 
 _ISOLATION_OPTIONS = {
-    "user": ("user", _user_name),
-    "group": ("group", _group_name),
+    "user": ("user", _known("user", pwd.getpwnam)),
+    "group": ("group", _known("group", grp.getgrnam)),
     "umask": ("umask", _octal_umask),
     "inheritEnvironment": ("inherit_environment", _inherit_environment),
     "allowedNetworks": ("allowed_networks", _networks),
@@ -2433,8 +2429,6 @@ def _check_identity_allowed(where, fields, problems: Problems):
             problems.errors.append(f"{where}: fields 'user' and 'group' need {SETPRIV} (util-linux), "
                                    f"which is not installed")
         return
-    import grp
-    import pwd
     try:
         me = pwd.getpwuid(os.geteuid()).pw_name
     except KeyError:  # a uid without a passwd entry (containers)
@@ -2462,7 +2456,6 @@ def inherited_environment(task: TaskSpec) -> dict[str, str]:
         return {"PATH": DEFAULT_PATH, **{n: os.environ[n] for n in names if n in os.environ}}
     env = dict(os.environ)
     if iso.user:
-        import pwd
         with contextlib.suppress(KeyError):
             entry = pwd.getpwnam(iso.user)
             env.update(HOME=entry.pw_dir, USER=entry.pw_name, LOGNAME=entry.pw_name)
@@ -2516,8 +2509,6 @@ def isolated_spawn(task: TaskSpec, env: dict[str, str]) -> tuple[list[str], dict
 def _identity(iso: IsolationSpec) -> tuple[int, int, list[int]]:
     """(uid, gid, supplementary gids), looked up at each run so that a changed user database
     counts: the user's primary and other groups, or only ``group`` when it is given."""
-    import grp
-    import pwd
     try:
         entry = pwd.getpwnam(iso.user) if iso.user else pwd.getpwuid(os.geteuid())
     except KeyError:
