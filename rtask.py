@@ -5211,6 +5211,8 @@ def start_thread(target, name: str) -> bool:
         log.warning("cannot start a thread", extra={"fields": {"thread": name, "problem": str(e)}})
         return False
     return True
+
+
 def state_directory(args) -> str:
     """--state-dir, by default ``rtask-state`` next to the config file."""
     return args.state_dir or os.path.join(os.path.dirname(os.path.abspath(args.config)), "rtask-state")
