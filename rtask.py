@@ -4693,7 +4693,11 @@ class Supervisor:
         """Everything a dead worker held: its runs (groups stopped, recorded as failed, their
         slots passed on) and its live metric files."""
         from prometheus_client import multiprocess
-        self.store.recover_crashed(pid, reason)
+        try:
+            self.store.recover_crashed(pid, reason)
+        except sqlite3.Error as e:  # the supervisor must outlive a busy or full database
+            log.error("cannot record the end of a dead worker's runs; the next start will",
+                      extra={"fields": {"pid": pid, "problem": str(e)}})
         multiprocess.mark_process_dead(pid, self.metrics_dir)
         self._remove_socket(pid)
 
