@@ -63,7 +63,7 @@ import threading
 import time
 import tomllib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, quote, unquote
+from urllib.parse import quote, unquote
 
 __version__ = "0.1.0"
 
@@ -2033,12 +2033,9 @@ class RequestValues:
 
 
 def request_query(h) -> str:
-    """The raw query string of the request line ("" when none), as UTF-8 with any other bytes
-    kept as surrogates (refused when such a value is checked). Read from the request line
-    itself because the handler's parsed ``query`` has already replaced undecodable bytes and
-    dropped empty values."""
-    target = h.raw_requestline.decode("latin-1").split(" ")[1]
-    return target.partition("?")[2].encode("latin-1").decode("utf-8", "surrogateescape")
+    """The raw query string of the request target ("" when none), as UTF-8 with any other
+    bytes kept as surrogates (refused when such a value is checked)."""
+    return h.target.partition("?")[2].encode("latin-1").decode("utf-8", "surrogateescape")
 
 
 def _form_fields(text: str) -> dict[str, list[str]]:
@@ -3726,7 +3723,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.path = unquote(path, errors="strict") if "%" in path else path
         except UnicodeDecodeError:
             raise Reject(400, "bad_request", "The request path is not valid UTF-8.") from None
-        self.query = parse_qs(query) if query else {}
+        self.query = _form_fields(request_query(self)) if query else {}  # name → values
         self._read_framing()
 
     # -- body ---------------------------------------------------------------------------------
