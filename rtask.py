@@ -3206,7 +3206,9 @@ class StateStore:
                     self._unsaved[run.id] = row
 
     def _write_unsaved(self):
-        """Under the lock: the ends that failed to be written, again (oldest first)."""
+        """Under the lock: the ends that failed to be written, again (oldest first). Called
+        before every read and write of the store, so a run's end is never seen missing once
+        the database takes writes again."""
         for run_id, row in list(self._unsaved.items()):
             try:
                 self._db.execute(self._UPSERT, row)
@@ -3239,15 +3241,18 @@ class StateStore:
 
     def query_one(self, sql: str, params=()):
         with self._lock:
+            self._write_unsaved()  # (a slot count must not see a run as going that has ended)
             return self._db.execute(sql, params).fetchone()[0]
 
     def query_all(self, sql: str, params=()) -> list[tuple]:
         with self._lock:
+            self._write_unsaved()
             return self._db.execute(sql, params).fetchall()
 
     def load(self, task: TaskSpec, run_id: str) -> Run | None:
         """A kept run of ``task`` (output included), as a Run; None if unknown or expired."""
         with self._lock:
+            self._write_unsaved()
             row = self._db.execute(f"SELECT {', '.join(self._COLUMNS)} FROM runs WHERE id = ? AND task = ? "
                                    "AND (expires_at IS NULL OR expires_at > ?)",
                                    (run_id, task.name, time.time())).fetchone()
@@ -3257,6 +3262,7 @@ class StateStore:
         """The kept runs of ``task`` without their output, newest first."""
         columns = [c for c in self._COLUMNS if c not in ("stdout", "stderr")]
         with self._lock:
+            self._write_unsaved()
             rows = self._db.execute(f"SELECT {', '.join(columns)} FROM runs WHERE task = ? AND "
                                     "(expires_at IS NULL OR expires_at > ?) ORDER BY created_at DESC LIMIT ?",
                                     (task.name, time.time(), MAX_RESULTS_KEPT + MAX_RUNS_IN_FLIGHT)).fetchall()
