@@ -4574,15 +4574,7 @@ class Supervisor:
         self.metrics_server = None  # the metrics listener (SIGHUP re-reads its TLS pair)
 
     def run(self) -> int:
-        signals: collections.deque = collections.deque()
-        wake = threading.Event()
-
-        def on_signal(signum, frame):
-            signals.append(signum)
-            wake.set()
-
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, on_signal)
+        received = catch_signals()
         config, keys = self._validated_config()
         args = self.args
         warn_if_keys_missing(args, config)
@@ -4607,10 +4599,8 @@ class Supervisor:
             "keys": len(keys),
             "workers": self.count}})
         while True:
-            wake.wait(0.25)
-            wake.clear()
-            while signals:
-                if signals.popleft() == signal.SIGHUP:
+            for signum in received():
+                if signum == signal.SIGHUP:
                     self._reload()
                 else:
                     return self._stop()
@@ -5177,15 +5167,7 @@ def serve_worker(args, sock: socket.socket) -> int:
     app = App(config, KeyRing(args.api_keys_file, keys, Argon2Slots(store.directory)), metrics, store)
     # Signals are caught before this worker serves: a SIGHUP the supervisor passes on must
     # reload, not kill (its default action). They wait in line until the loop below.
-    signals: collections.deque = collections.deque()
-    wake = threading.Event()
-
-    def on_signal(signum, frame):
-        signals.append(signum)
-        wake.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+    received = catch_signals()
     server = make_server(sock, app, tls, trusted_proxies, args.max_connections, args.max_connections_per_address)
     gc.freeze()  # start-up objects never become garbage; keep them out of every collection
     serve_forwarded_requests(app)
@@ -5196,17 +5178,36 @@ def serve_worker(args, sock: socket.socket) -> int:
     if app.starting and not start_thread(app.prepare_auth, "rtask-prepare"):
         app.prepare_auth()  # here, then: signals wait until it is done (at most the JWKS timeout)
     while True:
-        # A timeout, not a plain wait: a signal that the kernel delivers to another thread
-        # only runs its Python handler once the main thread executes again.
-        wake.wait(0.25)
-        wake.clear()
-        while signals:
-            if signals.popleft() == signal.SIGHUP:
+        for signum in received():
+            if signum == signal.SIGHUP:
                 reload_files(args, app)
                 reload_tls(args, server, None)
             else:
                 drain(server, app)
                 return 0
+
+
+def catch_signals():
+    """Catch SIGTERM, SIGINT and SIGHUP from now on (installed before anything can observe the
+    server: a SIGHUP's default action is to kill) and queue them for the main loop. Returns
+    ``received()``: waits up to 0.25 s, then gives the signals caught so far, oldest first.
+    A timeout, not a plain wait: a signal that the kernel delivers to another thread only
+    runs its Python handler once the main thread executes again."""
+    signals: collections.deque = collections.deque()
+    wake = threading.Event()
+
+    def on_signal(signum, frame):
+        signals.append(signum)
+        wake.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+
+    def received() -> list[int]:
+        wake.wait(0.25)
+        wake.clear()
+        return [signals.popleft() for _ in range(len(signals))]
+    return received
 
 
 def start_thread(target, name: str) -> bool:
