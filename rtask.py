@@ -4466,8 +4466,11 @@ class Server(ThreadingHTTPServer):
         return self.limit.accept(super().get_request)
 
     def process_request(self, request, client_address):
+        # Under TLS a refusal is a plain close: an answer needs a handshake, which the accept
+        # loop must not wait for (and plain text on a TLS port only confuses the client).
+        refuse = _close_connection if self.tls else _refuse_connection
         self.limit.start(lambda: super(Server, self).process_request(request, client_address),
-                         request, client_address[0], _refuse_connection, self.watchdog.close_idle)
+                         request, client_address[0], refuse, self.watchdog.close_idle)
 
     def process_request_thread(self, request, client_address):
         try:
@@ -4494,6 +4497,11 @@ def _refuse_connection(sock):
     except OSError:
         pass
     finally:
+        sock.close()
+
+
+def _close_connection(sock):
+    with contextlib.suppress(OSError):
         sock.close()
 
 

@@ -9863,3 +9863,24 @@ def test_default_run_killed_supervisor_leaves_nothing_running(wk_start, tmp_path
     result = server.get(f"/tasks/later/{run_id}", key=key).json
     assert (result["status"], result["exit_code"]) == ("failure", -1), result
     assert "supervisor" in result["stderr"], result
+
+
+def test_a_full_tls_listener_closes_new_connections_without_plain_text(tmp_path):
+    """At the cap of a TLS listener a new connection is closed: a plain-text 503 on a TLS port
+    only breaks the client's handshake (curl reports a TLS error, not the 503)."""
+    cert, key = _ig_make_certificate(tmp_path)
+    (tmp_path / "config.toml").write_text(_AV_CONFIG)
+    new_key(tmp_path, "ci")
+    server = _AvServer(tmp_path, run_args=("--tls-cert", str(cert), "--tls-key", str(key),
+                                           "--max-connections", "1"))
+    context = ssl.create_default_context(cafile=str(cert))
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as busy:
+            busy.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # a request under way: not idle
+            time.sleep(0.5)
+            refused = _av_connect(server.port, "127.0.0.2")
+            with refused:
+                assert refused.recv(65536) == b""  # closed, no plain text
+    finally:
+        server.stop()
