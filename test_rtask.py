@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import datetime
+import fcntl
 import hashlib
 import hmac
 import http.client
@@ -9583,6 +9584,47 @@ def test_a_killed_worker_is_replaced_and_only_its_runs_fail(wk_start, tmp_path):
     assert "worker died; starting another" in server.log()
 
 
+def _wk_row(workdir: Path, run_id: str):
+    """(status, pgid, proc_start, owner) of a run's row in the state store, or None."""
+    import sqlite3
+    db = sqlite3.connect(f"file:{workdir / 'rtask-state' / 'state.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        return db.execute("SELECT status, pgid, proc_start, owner FROM runs WHERE id = ?", (run_id,)).fetchone()
+    finally:
+        db.close()
+
+
+def test_workers_an_async_id_is_answered_once_its_row_and_group_are_stored(wk_start, tmp_path):
+    """Rows are written in groups, but an async run's id is answered only once its row (with
+    its process group and that leader's start time) is committed: any worker, and crash
+    recovery, can find it the moment the caller has the id."""
+    server, tokens = wk_start(_WK_MANY, run_args=_WK_FOUR)
+    for _ in range(10):
+        run_id = server.post("later", key=tokens["ci"]).json["task_id"]
+        status, pgid, proc_start, owner = _wk_row(tmp_path, run_id)  # at once: no waiting here
+        assert (status, owner in _wk_worker_pids(server)) == ("running", True)
+        assert pgid == _wk_pgid_of_run(run_id) and proc_start is not None
+        server.request("DELETE", f"/tasks/later/{run_id}", key=tokens["ci"])
+
+
+def test_workers_a_sync_run_still_going_is_recorded_and_stopped_with_its_worker(wk_start, tmp_path):
+    """A sync run's process group is recorded soon after its spawn (short runs only with their
+    end): kill -9 of its worker stops the group and the run ends failure with the reason."""
+    server, tokens = wk_start(_WK_MANY, run_args=_WK_FOUR)
+    key = tokens["ci"]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(lambda: server.post("drain", key=key))  # sleeps 1.5 s; its answer is lost
+        run_id = wait_for(lambda: next(iter(_wk_owners(tmp_path, "drain")), None), timeout=5)
+        _, pgid, proc_start, owner = wait_for(lambda: (row := _wk_row(tmp_path, run_id))[1] and row, timeout=1)
+        assert pgid == _wk_pgid_of_run(run_id) and proc_start is not None
+        os.kill(owner, signal.SIGKILL)
+        wait_for(lambda: not _wk_group_alive(pgid), timeout=10)
+    result = wait_for(lambda: (r := server.get(f"/tasks/drain/{run_id}", key=key).json).get("status")
+                      not in (None, "running") and r, timeout=15)  # (503 while its owner is gone)
+    assert (result["status"], result["exit_code"]) == ("failure", -1), result
+    assert "worker process running this task died (signal 9)" in result["stderr"]
+
+
 def test_workers_a_killed_supervisor_leaves_nothing_running(wk_start, tmp_path):
     """kill -9 of the supervisor: its workers stop their runs and exit, freeing the port."""
     server, tokens = wk_start(_WK_MANY, run_args=_WK_FOUR)
@@ -9622,6 +9664,27 @@ def test_workers_results_survive_kill9_of_everything(wk_start, tmp_path):
     result = server.get(f"/tasks/later/{run_id}", key=key).json
     assert (result["status"], result["exit_code"]) == ("failure", -1)
     assert "ended unexpectedly" in result["stderr"]
+
+
+def test_workers_share_one_argon2_bound(wk_start, tmp_path):
+    """The Argon2 bound is the server's, not each worker's: while every slot is held (here
+    by this test, through the slot files the workers lock), no worker verifies an uncached
+    key: each answers 503 after the slot wait. Once the slots are free, the same key works."""
+    server, tokens = wk_start(_WK_MANY, run_args=_WK_FOUR)
+    wait_for(lambda: len(_wk_worker_pids(server)) == 4, timeout=15)
+    held = []
+    try:
+        for i in range(rtask.ARGON2_MAX_CONCURRENT):
+            fd = os.open(tmp_path / "rtask-state" / f"argon2-{i}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            held.append(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        answers = _wk_parallel(8, lambda i: server.post("echo", key=tokens["ci"]))
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert [(a.status, a.json["error"]) for a in answers] == [(503, "unavailable")] * 8, answers
+    assert all(a.headers["Retry-After"] == "1" for a in answers)
+    assert server.post("echo", key=tokens["ci"]).status == 200
 
 
 def test_workers_queue_async_runs_across_workers(wk_start, tmp_path):
@@ -9765,7 +9828,7 @@ def test_a_run_end_the_store_could_not_write_frees_its_slot_once_written(start_s
         db.execute("ROLLBACK")
     finally:
         db.close()
-    assert "cannot record a run in the state store" in server.log()
+    assert "cannot record runs in the state store" in server.log()
     second = server.post("one", key=key)
     assert second.status == 200, second
     assert server.get(f"/tasks/one/{first}", key=key).json["status"] == "success"

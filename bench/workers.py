@@ -4,15 +4,22 @@
 Prints, all measured in the same run on the same machine:
 - the Python spawn ceiling (/bin/echo hi) from 16 threads and from 16 processes: the GIL
   limit that workers exist to pass;
-- requests/s, p50 and p99 of `POST /tasks/echo` with an API key at 4, 16 and 64 connections
-  for webhook (no auth), rtask --workers 1, 2 and auto, and the previous design's rtask.py
-  (--base REV, a git revision of this repository, default 969341f: one process, results in
-  memory, no durable store; so rtask --workers 1 against it is also the store's cost);
+- requests/s, p99 and the server's CPU time per request (all its processes: supervisor and
+  workers; not the commands) of `POST /tasks/echo` with an API key at 4, 16 and 64
+  connections, for webhook (no auth), rtask --workers 1, 2 and auto, rtask --workers 1 with
+  the state store's writes taken out (a copy of rtask.py whose StateStore._write_batch
+  returns at once: the durable store's cost, same code otherwise), and the previous design's
+  rtask.py (--base REV, a git revision of this repository, default 969341f: one process,
+  results in memory, no workers);
 - the ratios the contract asks for: 2 workers / webhook at 4 and 16 connections (req/s, p99),
-  the rate at 64 over the rate at 16 connections for 1 and 2 workers, workers 1 / base.
+  the rate at 64 over the rate at 16 connections for 1 and 2 workers, workers 1 / base, and
+  workers 1 / workers 1 without store writes.
 
-    python3 bench/workers.py              # 10 s per load run
-    python3 bench/workers.py --quick      # 2 s runs: a smoke check of the script
+Every cell is the median of --rounds runs (default 3), the servers taking turns, so that a
+busy moment of a shared machine hits everyone alike.
+
+    python3 bench/workers.py              # 8 s per load run, 3 rounds (~10 min)
+    python3 bench/workers.py --quick      # 2 s runs, 1 round: a smoke check of the script
 
 Needs wrk and webhook (`apt-get install -y webhook wrk`); see bench/README.md.
 """
@@ -21,6 +28,7 @@ import argparse
 import multiprocessing
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,6 +56,43 @@ def ceiling_processes(seconds: float, processes: int) -> float:
     return total / (time.perf_counter() - t0)
 
 
+def without_store_writes(rtask: str, tmp: str) -> str:
+    """A copy of ``rtask`` whose state store writes nothing (the bench's "no store" variant)."""
+    with open(rtask) as f:
+        source = f.read()
+    signature = "    def _write_batch(self, batch: list):\n"
+    if signature not in source:
+        raise BenchError(f"{rtask} has no StateStore._write_batch to take out; update bench/workers.py")
+    path = os.path.join(tmp, "rtask-no-store-writes.py")
+    with open(path, "w") as f:
+        f.write(source.replace(signature, signature + "        return  # bench: no store writes\n"))
+    return path
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` and its direct children (the workers), not counting
+    reaped grandchildren (the commands)."""
+    pids = [pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                                                    text=True).stdout.split()]
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def measured_load(server, conns, duration, tmp):
+    """One load run; adds ``cpu_ms``: the server's CPU time per answered request."""
+    before = tree_cpu_seconds(server.proc.pid)
+    result = load(server, conns, duration, tmp, True)
+    result["cpu_ms"] = (tree_cpu_seconds(server.proc.pid) - before) * 1000 / max(result["requests"], 1)
+    return result
+
+
 def start(rtask, tmp, key, name, run_args):
     """An rtask server (its own state directory) under ``name``, answering."""
     api, metrics = free_port(), free_port()
@@ -64,14 +109,15 @@ def start(rtask, tmp, key, name, run_args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--duration", type=float, default=10.0, help="seconds per load run (10)")
+    ap.add_argument("--duration", type=float, default=8.0, help="seconds per load run (8)")
+    ap.add_argument("--rounds", type=int, default=3, help="runs per cell; the median is shown (3)")
     ap.add_argument("--rtask", default=os.path.join(HERE, "..", "rtask.py"))
     ap.add_argument("--base", default=BASE_REVISION,
                     help=f"git revision of the previous design to compare with (default {BASE_REVISION})")
-    ap.add_argument("--quick", action="store_true", help="2 s runs: a smoke check")
+    ap.add_argument("--quick", action="store_true", help="2 s runs, 1 round: a smoke check")
     args = ap.parse_args(argv)
     if args.quick:
-        args.duration = 2.0
+        args.duration, args.rounds = 2.0, 1
     for tool in ("wrk", "webhook"):
         if shutil.which(tool) is None:
             raise BenchError(f"{tool} is not installed; as root: {APT_LINE}")
@@ -92,19 +138,26 @@ def main(argv=None):
         configs = [("rtask workers=1", args.rtask, ["--workers", "1", "--state-dir", os.path.join(tmp, "s1")]),
                    ("rtask workers=2", args.rtask, ["--workers", "2", "--state-dir", os.path.join(tmp, "s2")]),
                    (f"rtask workers=auto ({cpus})", args.rtask,
-                    ["--workers", "auto", "--state-dir", os.path.join(tmp, "sa")])]
-        base = previous_design(args.base, tmp)
+                    ["--workers", "auto", "--state-dir", os.path.join(tmp, "sa")]),
+                   ("workers=1 no store writes", without_store_writes(args.rtask, tmp),
+                    ["--workers", "1", "--state-dir", os.path.join(tmp, "s0")])]
+        base, base_name = previous_design(args.base, tmp), f"previous design {args.base}"
         if base:
-            configs.append(("base rtask (no store)", base, []))
+            configs.append((base_name, base, []))
         for name, path, run_args in configs:
             servers.append(start(os.path.abspath(path), tmp, key, name, run_args))
         for server in servers:  # warm-up (each worker's key cache, imports, page cache)
             load(server, 16, min(2.0, args.duration), tmp, True)
-        results = {}
-        for conns in CONNECTIONS:
-            for server in servers:  # alternating, so that a busy moment hits everyone alike
-                results[server.name, conns] = load(server, conns, args.duration, tmp, True)
-                log(f"{server.name:28} c={conns:<3} {results[server.name, conns]['rps']:8.0f} req/s")
+        runs = {}
+        for round_ in range(args.rounds):
+            for conns in CONNECTIONS:
+                for server in servers:  # taking turns, so that a busy moment hits everyone alike
+                    r = measured_load(server, conns, args.duration, tmp)
+                    runs.setdefault((server.name, conns), []).append(r)
+                    log(f"round {round_ + 1}: {server.name:28} c={conns:<3} {r['rps']:8.0f} req/s "
+                        f"{r['cpu_ms']:6.3f} ms CPU/request")
+        results = {cell: {k: statistics.median(r[k] or 0 for r in rs) for k in ("rps", "p99", "cpu_ms")}
+                   for cell, rs in runs.items()}
     finally:
         for server in servers:
             server.stop()
@@ -112,10 +165,13 @@ def main(argv=None):
 
     print(f"\nPython spawn ceiling (/bin/echo hi): 16 threads {threads16:,.0f}/s, "
           f"16 processes {procs16:,.0f}/s ({cpus} CPUs)")
-    print(f"\n{'server':28} " + " ".join(f"{'c=' + str(c) + ' req/s':>12} {'p99 ms':>8}" for c in CONNECTIONS))
+    print(f"medians of {args.rounds} round(s) of {args.duration:g} s; CPU: the server's own processes, "
+          "ms per request")
+    print(f"\n{'server':28} " + " ".join(f"{'c=' + str(c) + ' req/s':>12} {'p99 ms':>8} {'CPU':>6}"
+                                          for c in CONNECTIONS))
     for server in servers:
-        cells = " ".join(f"{results[server.name, c]['rps']:12.0f} {results[server.name, c]['p99'] or 0:8.2f}"
-                         for c in CONNECTIONS)
+        cells = " ".join(f"{results[server.name, c]['rps']:12.0f} {results[server.name, c]['p99']:8.2f} "
+                         f"{results[server.name, c]['cpu_ms']:6.3f}" for c in CONNECTIONS)
         print(f"{server.name:28} {cells}")
 
     def rps(name, c):
@@ -128,11 +184,17 @@ def main(argv=None):
               " (goal <= 1.0)")
     for name in ("rtask workers=1", "rtask workers=2"):
         print(f"  {name}: rate at 64 / rate at 16 connections: {rps(name, 64) / rps(name, 16):.2f} (goal >= 0.95)")
-    if ("base rtask (no store)", 16) in results:
+    for c in CONNECTIONS:
+        ratio = rps("rtask workers=1", c) / rps("workers=1 no store writes", c)
+        cpu = results["rtask workers=1", c]["cpu_ms"] / results["workers=1 no store writes", c]["cpu_ms"]
+        print(f"  workers=1 / workers=1 without store writes at {c:>2} connections: req/s {ratio:.2f}x, "
+              f"CPU per request {cpu:.2f}x (goal: the store costs < 10 %)")
+    if (base_name, 16) in results:
         for c in CONNECTIONS:
-            ratio = rps("rtask workers=1", c) / rps("base rtask (no store)", c)
-            print(f"  workers=1 (durable store) / base (none) at {c:>2} connections: {ratio:.2f}x"
-                  " (goal within 5 %; the store's cost < 10 %)")
+            ratio = rps("rtask workers=1", c) / rps(base_name, c)
+            cpu = results["rtask workers=1", c]["cpu_ms"] / results[base_name, c]["cpu_ms"]
+            print(f"  workers=1 / previous design at {c:>2} connections: req/s {ratio:.2f}x, "
+                  f"CPU per request {cpu:.2f}x (goal: within 5 %)")
     return 0
 
 
