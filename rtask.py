@@ -1140,6 +1140,26 @@ class Caller:
     grants: frozenset[str] = frozenset()
 
 
+class _CheckInFlight:
+    """The outcome of one check of a token, for the requests that bring the same token meanwhile."""
+
+    __slots__ = ("done", "outcome")
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.outcome: str | Reject | None = None
+
+    def outcome_when_done(self) -> str:
+        self.done.wait()  # (the check ends: the slot wait and Argon2 are bounded)
+        if isinstance(self.outcome, Reject):
+            r = self.outcome
+            raise Reject(r.status, r.code, r.message, r.reason, r.headers)  # (its own traceback)
+        if self.outcome is None:  # the check failed on something else (logged where it did)
+            raise Reject(503, "unavailable", "The server cannot verify keys right now; retry shortly.",
+                         "auth_overloaded", [("Retry-After", "1")])
+        return self.outcome
+
+
 class KeyRing:
     """The keys of a running server: verification, the verified-key cache, and live reload.
 
@@ -1156,6 +1176,10 @@ class KeyRing:
         self._lock = threading.Lock()
         self._cache: collections.OrderedDict[bytes, tuple[str, float]] = collections.OrderedDict()
         self._cache_secret = secrets.token_bytes(32)  # per process: cache keys are useless elsewhere
+        # Single flight: requests that bring a token being checked wait for that check's outcome
+        # instead of running Argon2 again (after a restart, a burst of CI jobs with one key
+        # would otherwise queue one check each for the server-wide bound, and get 503s).
+        self._checking: dict[bytes, _CheckInFlight] = {}
         # Server-wide in a server (Argon2Slots, across its workers), else in this process.
         self._argon2_slots = argon2_slots or threading.BoundedSemaphore(ARGON2_MAX_CONCURRENT)
 
@@ -1211,6 +1235,26 @@ class KeyRing:
         name = self._cached(tag)
         if name:
             return name
+        with self._lock:
+            check = self._checking.get(tag)
+            first = check is None
+            if first:
+                check = self._checking[tag] = _CheckInFlight()
+        if not first:
+            return check.outcome_when_done()
+        try:
+            check.outcome = self._check(token, tag)
+        except Reject as r:
+            check.outcome = r
+            raise
+        finally:
+            with self._lock:
+                del self._checking[tag]
+            check.done.set()
+        return check.outcome
+
+    def _check(self, token: str, tag: bytes) -> str:
+        """Decode ``token`` and run Argon2 on it (within the server-wide bound); cache a match."""
         try:
             if len(token) > MAX_TOKEN_CHARS:
                 raise ValueError("too long")

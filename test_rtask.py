@@ -9687,6 +9687,22 @@ def test_workers_share_one_argon2_bound(wk_start, tmp_path):
     assert server.post("echo", key=tokens["ci"]).status == 200
 
 
+def test_workers_check_a_burst_of_one_new_key_once_each(wk_start, tmp_path):
+    """Right after a start, many requests at once with one key: each worker runs Argon2 for it
+    once and the others wait for that outcome (single flight), so the burst fits the bound
+    even with one slot free. Before, each request ran its own check: 40 checks × ~60 ms in
+    one slot outlast the 2 s slot wait, and the last ones were answered 503."""
+    server, tokens = wk_start(_WK_MANY, run_args=_WK_FOUR)
+    wait_for(lambda: len(_wk_worker_pids(server)) == 4, timeout=15)
+    fd = os.open(tmp_path / "rtask-state" / "argon2-0.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # one slot of two left
+        statuses = _wk_parallel(40, lambda i: server.post("echo", key=tokens["ci"]).status)
+    finally:
+        os.close(fd)
+    assert statuses == [200] * 40, statuses
+
+
 def test_workers_queue_async_runs_across_workers(wk_start, tmp_path):
     """Async runs over the limit are answered ``queued`` by whichever worker takes them, start
     in admission order as slots free anywhere, and one beyond queueSize gets 429."""
