@@ -1701,12 +1701,15 @@ class ConcurrencyLimit:
         self.store.grants.start(granted)
 
     def set_limits(self, limit: int, queue_size: int):
-        """New limits (reload); a raised limit admits waiting requests at once, and a lifted
-        one (0) the whole line."""
+        """New limits (reload; the store's copy is written first: StateStore.save_limits); a
+        raised limit admits waiting requests at once, and a lifted one (0) the whole line. If
+        the database is busy now, the line gets those slots at the next admission instead."""
         self.limit, self.queue_size = limit, queue_size
-        with self.store.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO limits (task, max_running) VALUES (?, ?)", (self.task_name, limit))
-        self.promote()
+        try:
+            self.promote()
+        except sqlite3.Error as e:
+            log.warning("cannot hand free slots to the line now", extra={"fields": {
+                "task": self.task_name, "problem": str(e)}})
 
 
 def promote_queued(db, task_name: str, limit: int) -> list[tuple[str, int]]:
@@ -3440,6 +3443,12 @@ class StateStore:
             self.promote_all()  # their slots are free now
         return len(rows)
 
+    def save_limits(self, limits: dict[str, int]):
+        """Every task's maxConcurrentTasks (0: unlimited), in one transaction, so a failure
+        changes none (whoever promotes a line for another process reads them: promote_all)."""
+        with self.transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO limits (task, max_running) VALUES (?, ?)", limits.items())
+
     def promote_all(self):
         """Hand the free slots of every limited task to its line (see ConcurrencyLimit)."""
         with self.transaction() as db:
@@ -3601,6 +3610,7 @@ class App:
         self.keyring = keyring
         self.metrics = metrics
         self.auth = Authenticator(config, keyring, metrics)
+        store.save_limits({name: task.max_concurrent for name, task in config.tasks.items()})
         self.tasks = {name: TaskState(task, store) for name, task in config.tasks.items()}
         self._dropped: dict[str, TaskState] = {}  # states of tasks a reload removed
         self.webhooks = config.webhook_index()
@@ -3620,10 +3630,12 @@ class App:
         log.info("rtask ready")
 
     def reload(self, config: Config):
-        """Use a new configuration (SIGHUP). Everything that can fail is built first, so a
-        failure leaves the old configuration in force; running executions are untouched."""
+        """Use a new configuration (SIGHUP). Everything that can fail is done first (the
+        authenticator, the store's limits in one transaction), so a failure leaves the old
+        configuration in force; running executions are untouched."""
         auth = Authenticator(config, self.keyring, self.metrics)
         auth.prepare()
+        self.store.save_limits({name: task.max_concurrent for name, task in config.tasks.items()})
         known = self._dropped | self.tasks
         tasks = {name: known[name].reconfigure(task) if name in known else TaskState(task, self.store)
                  for name, task in config.tasks.items()}

@@ -9852,6 +9852,32 @@ def test_a_run_end_the_store_could_not_write_frees_its_slot_once_written(start_s
     assert (result["status"], result["stdout"]) == ("success", "ran\n"), result
 
 
+def test_a_reload_the_store_cannot_take_changes_nothing(start_server, tmp_path):
+    """SIGHUP while the state database is locked past its busy timeout: the reload fails as a
+    whole and the old limits stay (the old code had already raised the first task's
+    maxConcurrentTasks in memory when the database refused it: half a reload)."""
+    import sqlite3
+    old = """
+        [tasks.one]
+        command = ["sh", "-c", "sleep 2; echo ran"]
+        apiKeyNames = ["ci"]
+        maxConcurrentTasks = 1
+        """
+    server, tokens = start_server(old)
+    (tmp_path / "config.toml").write_text(textwrap.dedent(old).replace("= 1", "= 3"))
+    db = sqlite3.connect(tmp_path / "rtask-state" / "state.db", timeout=10, isolation_level=None)
+    try:
+        db.execute("BEGIN EXCLUSIVE")
+        server.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload failed" in server.log(), timeout=20)
+        db.execute("ROLLBACK")
+    finally:
+        db.close()
+    assert "configuration reloaded" not in server.log()
+    statuses = _wk_parallel(2, lambda i: server.post("one", key=tokens["ci"]).status)
+    assert sorted(statuses) == [200, 429], statuses
+
+
 def test_a_forwarded_request_checks_and_counts_its_credential_once(wk_start):
     """Reads of a run that another worker runs are forwarded to it: the credential is checked
     (and counted in auth_requests_total) by the worker that took the request, not again."""
