@@ -9852,6 +9852,32 @@ def test_a_run_end_the_store_could_not_write_frees_its_slot_once_written(start_s
     assert (result["status"], result["stdout"]) == ("success", "ran\n"), result
 
 
+def test_state_writers_wait_for_the_write_lock(start_server, tmp_path):
+    """Every writer of the state store takes <state dir>/write.lock first (an flock: waiting
+    writers are woken when it is free, rather than polling SQLite's lock): while it is held
+    elsewhere, a run's end waits to be recorded and so its answer waits; once it is free, the
+    answer comes at once."""
+    server, tokens = start_server("""
+        [tasks.quick]
+        command = ["/bin/echo", "hi"]
+        apiKeyNames = ["ci"]
+        """)
+    assert server.post("quick", key=tokens["ci"]).status == 200  # (the key is verified and cached)
+    fd = os.open(tmp_path / "rtask-state" / "write.lock", os.O_RDWR)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            answer = pool.submit(lambda: server.post("quick", key=tokens["ci"]))
+            time.sleep(1.5)
+            assert not answer.done()
+        finally:
+            os.close(fd)
+        started = time.monotonic()
+        r = answer.result(timeout=10)
+    assert (r.status, r.json["stdout"]) == (200, "hi\n")
+    assert time.monotonic() - started < 2
+
+
 def test_a_reload_the_store_cannot_take_changes_nothing(start_server, tmp_path):
     """SIGHUP while the state database is locked past its busy timeout: the reload fails as a
     whole and the old limits stay (the old code had already raised the first task's
