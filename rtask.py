@@ -2800,13 +2800,13 @@ def spawn(task: TaskSpec, env: dict[str, str], stdin: int, stdout: int, stderr: 
 _START_SHORTAGE_ERRNOS = frozenset({errno.EAGAIN, errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 
 
-def guarded(thread: str, fn, *args):
-    """Call ``fn``; a bug in it is logged, not raised: ``thread`` (the reactor, the state
-    store's writer) serves every run, and one callback must not stop it."""
+def guarded(where: str, fn, *args):
+    """Call ``fn``; a bug in it is logged, not raised: ``where`` (the reactor, the state
+    store's group write) serves every run, and one callback must not stop it."""
     try:
         fn(*args)
     except Exception:
-        log.exception(f"internal error in {thread}")
+        log.exception(f"internal error in {where}")
 
 
 class _Child:
@@ -3154,9 +3154,10 @@ class StateStore:
       output). The last two are committed in groups (``write_pending``): the reactor commits
       the ends of each round of events at once, and a sync run's process group is recorded
       only if it is still going RECORD_SPAWN_AFTER seconds after its spawn (a run that ends
-      sooner is one row write, not two). A commit costs ~55 µs of CPU and each handing of
+      sooner is one row write, not two). A commit costs 55-77 µs of CPU and each handing of
       work to another thread ~50 µs on the 2-core machine measured (README §14), more than
-      the rest of a run's bookkeeping: hence no writer thread, and one write per short run.
+      the rest of a run's bookkeeping: hence no writer thread, one statement per group, and
+      one write per short run.
       The end is committed before any waiter is woken and an async run's id is answered
       only once its row is committed, so whoever is answered and asks again, on any worker,
       finds the run. A worker killed within RECORD_SPAWN_AFTER of a sync run's spawn leaves
@@ -3171,6 +3172,7 @@ class StateStore:
     connection per handler thread would cost an open per connection (measured in bench/)."""
 
     PURGE_INTERVAL = 0.5
+    BUSY_TIMEOUT = 10.0  # seconds a write waits for another writer before it gives up (and is logged)
     _COLUMNS = ("id", "task", "caller", "client", "status", "exit_code", "created_at", "started_at",
                 "finished_at", "duration", "stdout", "stderr", "stdout_truncated", "stderr_truncated",
                 "owner", "pgid", "proc_start", "retention", "expires_at")
@@ -3214,7 +3216,7 @@ class StateStore:
             os.makedirs(directory, mode=0o700, exist_ok=True)
             self._write_fd = os.open(os.path.join(directory, "write.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
                                      0o600)
-            self._db = sqlite3.connect(os.path.join(directory, "state.db"), timeout=10.0,
+            self._db = sqlite3.connect(os.path.join(directory, "state.db"), timeout=self.BUSY_TIMEOUT,
                                        isolation_level=None, check_same_thread=False)
             with self._writing():
                 self._db.execute("PRAGMA journal_mode=WAL")
@@ -3244,20 +3246,35 @@ class StateStore:
     @contextlib.contextmanager
     def _writing(self):
         """Hold the right to write: this process's lock (its threads), then the server's (its
-        processes): an flock on ``<state dir>/write.lock``, so that writers wait in the kernel
-        and are woken when the holder is done. SQLite's own busy handler instead sleeps 1, 2,
-        5, ... ms between tries: with 8 and 16 processes writing, the slowest write took
-        17-50 ms through the flock against 107-441 ms without it (bench/store.py, README §14)."""
+        processes): an flock on ``<state dir>/write.lock``, tried every millisecond at most
+        (a holder is done within a commit). SQLite's own busy handler instead sleeps 1, 2, 5,
+        ... up to 100 ms between tries: with 8 and 16 processes writing, the slowest write
+        took 28-69 ms through the flock against 84-464 ms without it (bench/store.py,
+        README §14). Raises sqlite3.OperationalError, like a busy database, after
+        BUSY_TIMEOUT (a stopped process holding the lock must not stop every other)."""
         with self._lock:
             self._write_depth += 1
             try:
                 if self._write_depth == 1:
-                    fcntl.flock(self._write_fd, fcntl.LOCK_EX)
+                    self._lock_out_other_writers()
                 yield
             finally:
                 self._write_depth -= 1
                 if self._write_depth == 0:
                     fcntl.flock(self._write_fd, fcntl.LOCK_UN)
+
+    def _lock_out_other_writers(self):
+        delay, deadline = 0.0001, time.monotonic() + self.BUSY_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(self._write_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise sqlite3.OperationalError("the state store's write lock is held by another "
+                                                   "process for too long") from None
+            time.sleep(delay)
+            delay = min(2 * delay, 0.001)
 
     @contextlib.contextmanager
     def transaction(self):
@@ -3298,7 +3315,7 @@ class StateStore:
                 entry[2].append(then)
 
     def write_pending(self):
-        """Write every row handed over since the last call as one transaction (group commit:
+        """Write every row handed over since the last call in one statement (group commit:
         the reactor calls this after each round of events, so the runs that ended in one
         round cost one commit; a spawn and an end that wait together are one row), then set
         each run's ``recorded`` and call its callbacks. Any thread may call it."""
@@ -3320,22 +3337,24 @@ class StateStore:
         answer. Their ends are kept and written again before every later read and write until
         they land, since until then their rows still hold concurrency slots."""
         rows = [self._row_now(run, retention) for run, retention, _ in batch]
-        for first in range(0, len(rows), self.ROWS_PER_STATEMENT):
-            self._upsert_rows(rows[first:first + self.ROWS_PER_STATEMENT])
-        if time.monotonic() >= self._next_purge:
-            self._purge()
-
-    def _upsert_rows(self, rows: list[tuple]):
-        """One statement (so one commit, and one release of the GIL: each costs more than
-        the row itself) for all ``rows``."""
-        with self._writing():
-            self._write_unsaved()
-            try:
-                self._db.execute(self._upsert_statement(len(rows)), [v for row in rows for v in row])
-            except sqlite3.Error as e:
-                log.error("cannot record runs in the state store", extra={"fields": {
-                    "task_ids": ",".join(row[0] for row in rows), "state_dir": self.directory, "problem": str(e)}})
-                self._unsaved.update((row[0], row) for row in rows if row[-1] is not None)
+        written = 0
+        try:
+            with self._writing():
+                self._write_unsaved()
+                while written < len(rows):
+                    # One statement (one commit, one release of the GIL: each costs more
+                    # than a row) for up to ROWS_PER_STATEMENT rows.
+                    chunk = rows[written:written + self.ROWS_PER_STATEMENT]
+                    self._db.execute(self._upsert_statement(len(chunk)), [v for row in chunk for v in row])
+                    written += len(chunk)
+                if time.monotonic() >= self._next_purge:
+                    self._purge()
+        except sqlite3.Error as e:
+            log.error("cannot record runs in the state store", extra={"fields": {
+                "task_ids": ",".join(row[0] for row in rows[written:]), "state_dir": self.directory,
+                "problem": str(e)}})
+            with self._lock:
+                self._unsaved.update((row[0], row) for row in rows[written:] if row[-1] is not None)
 
     @classmethod
     @functools.lru_cache(maxsize=8)
@@ -3360,12 +3379,9 @@ class StateStore:
         the database takes writes again."""
         if not self._unsaved:
             return
-        with self._writing():
+        with contextlib.suppress(sqlite3.Error), self._writing():  # (kept for the next try)
             for run_id, row in list(self._unsaved.items()):
-                try:
-                    self._db.execute(self._UPSERT, row)
-                except sqlite3.Error:
-                    return
+                self._db.execute(self._UPSERT, row)
                 del self._unsaved[run_id]
 
     @staticmethod
@@ -3379,7 +3395,7 @@ class StateStore:
 
     def _purge(self):
         now = time.time()
-        with self._writing(), contextlib.suppress(sqlite3.Error):  # retried on the next write
+        with contextlib.suppress(sqlite3.Error), self._writing():  # retried on the next write
             self._next_purge = time.monotonic() + self.PURGE_INTERVAL
             self._db.execute("DELETE FROM runs WHERE expires_at <= ?", (now,))
             crowded = self._db.execute("SELECT task FROM runs WHERE expires_at IS NOT NULL GROUP BY task "

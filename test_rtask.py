@@ -9878,6 +9878,31 @@ def test_state_writers_wait_for_the_write_lock(start_server, tmp_path):
     assert time.monotonic() - started < 2
 
 
+def test_a_write_lock_held_for_ever_delays_an_answer_by_the_busy_timeout_only(start_server, tmp_path):
+    """A process that holds <state dir>/write.lock and never lets go (a stopped worker): a
+    run's end gives up waiting after the busy timeout (10 s), is logged, and is answered; the
+    end is written once the lock is free, so the result can be read back."""
+    server, tokens = start_server("""
+        [tasks.quick]
+        command = ["/bin/echo", "hi"]
+        apiKeyNames = ["ci"]
+        """)
+    key = tokens["ci"]
+    assert server.post("quick", key=key).status == 200
+    fd = os.open(tmp_path / "rtask-state" / "write.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        started = time.monotonic()
+        r = server.post("quick", key=key, timeout=30)
+        assert 9 < time.monotonic() - started < 20
+    finally:
+        os.close(fd)
+    assert (r.status, r.json["stdout"]) == (200, "hi\n")
+    assert "write lock is held by another process for too long" in server.log()
+    server.post("quick", key=key)  # the next write writes the kept end first
+    assert server.get(f"/tasks/quick/{r.json['task_id']}", key=key).json == r.json
+
+
 def test_a_reload_the_store_cannot_take_changes_nothing(start_server, tmp_path):
     """SIGHUP while the state database is locked past its busy timeout: the reload fails as a
     whole and the old limits stay (the old code had already raised the first task's
