@@ -9126,12 +9126,20 @@ def test_call_says_when_a_followed_run_was_cancelled(start_server, tmp_path):
     assert call.returncode == 1 and "was cancelled" in stderr, (stdout, stderr)
 
 
+def _h2_default_sigint():
+    """(In the child, before exec.) A shell starts a background job (``cmd &``) with SIGINT
+    ignored, and the client would inherit that: a test suite run that way would wait for a
+    Ctrl-C the client never sees. The client gets SIGINT's default, as a terminal's job has."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("follow", [False, True])
 def test_ctrl_c_while_following_an_async_run_names_it_and_exits_130(start_server, tmp_path, follow):
     server, tokens = start_server(_H2_CALL_CONFIG)
     env = {**os.environ, "RTASK_URL": f"http://127.0.0.1:{server.port}", "RTASK_AUTH_TOKEN": tokens["ci"]}
     call = subprocess.Popen([sys.executable, RTASK, "call", "background", *(["--follow"] if follow else [])],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_h2_default_sigint)
     try:
         runs = wait_for(lambda: server.get("/tasks/background", key=tokens["ci"]).json["runs"], timeout=15)
         time.sleep(1.0)  # the client is now waiting on its long-poll or its event stream
