@@ -3169,7 +3169,8 @@ class StateStore:
       the workers): it holds ``<state dir>/lock`` for its lifetime, so a second
       server on the same directory is refused, and it stops what a crashed predecessor left.
     One connection per process behind a lock: SQLite serialises writers anyway, and a
-    connection per handler thread would cost an open per connection (measured in bench/)."""
+    connection per handler thread would cost an open per connection (measured in bench/).
+    Writers of all processes also queue on ``<state dir>/write.lock`` (see _writing)."""
 
     PURGE_INTERVAL = 0.5
     BUSY_TIMEOUT = 10.0  # seconds a write waits for another writer before it gives up (and is logged)
