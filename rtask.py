@@ -1131,6 +1131,11 @@ def unauthorized(reason, message):
     return Reject(401, "unauthorized", message, reason, [("WWW-Authenticate", challenge)])
 
 
+def auth_overloaded(message="The server cannot verify keys right now; retry shortly."):
+    """503 for a key that cannot be checked now (no Argon2 slot, memory or threads); README §7."""
+    return Reject(503, "unavailable", message, "auth_overloaded", [("Retry-After", "1")])
+
+
 @dataclasses.dataclass(frozen=True)
 class Caller:
     """Who made a request (labels metrics and logs, and is RTASK_CALLER) and what it may do."""
@@ -1155,8 +1160,7 @@ class _CheckInFlight:
             r = self.outcome
             raise Reject(r.status, r.code, r.message, r.reason, r.headers)  # (its own traceback)
         if self.outcome is None:  # the check failed on something else (logged where it did)
-            raise Reject(503, "unavailable", "The server cannot verify keys right now; retry shortly.",
-                         "auth_overloaded", [("Retry-After", "1")])
+            raise auth_overloaded()
         return self.outcome
 
 
@@ -1265,15 +1269,13 @@ class KeyRing:
         if stored is None or len(key) != len(stored.hash):
             raise unauthorized("invalid_key", "The API key is not valid.")
         if not self._argon2_slots.acquire(timeout=ARGON2_SLOT_WAIT_SECONDS):
-            raise Reject(503, "unavailable", "Too many key verifications at once; retry shortly.",
-                         "auth_overloaded", [("Retry-After", "1")])
+            raise auth_overloaded("Too many key verifications at once; retry shortly.")
         try:
             digest = argon2id(key, stored.salt, stored.time, stored.memory_mib, stored.threads,
                               len(stored.hash))
         except MemoryError as e:  # its 64 MiB or its threads cannot be had now (README §5)
             log.warning("cannot verify a key now: out of memory or threads", extra={"fields": {"problem": str(e)}})
-            raise Reject(503, "unavailable", "The server cannot verify keys right now; retry shortly.",
-                         "auth_overloaded", [("Retry-After", "1")]) from None
+            raise auth_overloaded() from None
         finally:
             self._argon2_slots.release()
         if not hmac.compare_digest(digest, stored.hash):
@@ -3485,11 +3487,12 @@ class StateStore:
             self.promote_all()  # their slots are free now
         return len(rows)
 
-    def save_limits(self, limits: dict[str, int]):
+    def save_limits(self, tasks: dict[str, TaskSpec]):
         """Every task's maxConcurrentTasks (0: unlimited), in one transaction, so a failure
         changes none (whoever promotes a line for another process reads them: promote_all)."""
         with self.transaction() as db:
-            db.executemany("INSERT OR REPLACE INTO limits (task, max_running) VALUES (?, ?)", limits.items())
+            db.executemany("INSERT OR REPLACE INTO limits (task, max_running) VALUES (?, ?)",
+                           [(name, task.max_concurrent) for name, task in tasks.items()])
 
     def promote_all(self):
         """Hand the free slots of every limited task to its line (see ConcurrencyLimit)."""
@@ -3652,7 +3655,7 @@ class App:
         self.keyring = keyring
         self.metrics = metrics
         self.auth = Authenticator(config, keyring, metrics)
-        store.save_limits({name: task.max_concurrent for name, task in config.tasks.items()})
+        store.save_limits(config.tasks)
         self.tasks = {name: TaskState(task, store) for name, task in config.tasks.items()}
         self._dropped: dict[str, TaskState] = {}  # states of tasks a reload removed
         self.webhooks = config.webhook_index()
@@ -3677,7 +3680,7 @@ class App:
         configuration in force; running executions are untouched."""
         auth = Authenticator(config, self.keyring, self.metrics)
         auth.prepare()
-        self.store.save_limits({name: task.max_concurrent for name, task in config.tasks.items()})
+        self.store.save_limits(config.tasks)
         known = self._dropped | self.tasks
         tasks = {name: known[name].reconfigure(task) if name in known else TaskState(task, self.store)
                  for name, task in config.tasks.items()}
