@@ -2649,10 +2649,12 @@ def isolation_summary(task: TaskSpec) -> dict:
 # Execution (process groups, output capture, timeouts)
 # =============================================================================================
 #
-# One reactor thread watches every child: its stdin (the request body, written without
-# blocking), stdout and stderr (read into bounded buffers as they come, so a chatty child never
-# blocks on a full pipe), its exit (a pidfd), and its deadline. Handler threads only spawn and
-# then wait on the run's event. A thread per child would cost more memory and context switches.
+# An event loop watches each child: its stdin (the request body, written without blocking),
+# stdout and stderr (read into bounded buffers as they come, so a chatty child never blocks on
+# a full pipe), its exit (a pidfd), and its deadline. A sync run is watched by the thread of
+# the request that waits for it, with a loop of its own (that thread waits anyway, and every
+# hand-over between threads costs CPU); async and event-stream runs by one reactor thread. A
+# thread per async run would cost more memory and context switches.
 
 
 class Output:
@@ -2812,16 +2814,95 @@ def guarded(where: str, fn, *args):
 
 
 class _Child:
-    """The reactor's view of one running process."""
+    """One running process, as seen by the loop that watches it (only that loop's thread
+    touches it)."""
 
-    def __init__(self, run: Run, process, on_end):
-        self.run, self.proc, self.on_end = run, process, on_end
+    def __init__(self, run: Run, process, on_end, loop: "_Loop"):
+        self.run, self.proc, self.on_end, self.loop = run, process, on_end, loop
         self.streams: dict[int, Output] = {}  # open output fds
         self.stdin_fd: int | None = None
         self.stdin_data = memoryview(b"")
         self.exited = False
+        self.ended = False
         self.killed_as: str | None = None  # "timeout" or "cancelled" once we signalled it
         self.timers: list = []
+
+
+class _Loop:
+    """An event loop: a selector, a heap of timers, and calls handed in by other threads.
+
+    The reactor thread runs one for ever; a request thread that waits for its sync run runs
+    one of its own until that run ends (Executor.start with ``wait``). Only the loop's thread
+    touches its selector and timers; other threads use ``call_soon``."""
+
+    def __init__(self, selector: selectors.BaseSelector, after_events):
+        self.selector = selector
+        self.after_events = after_events  # called after each round of events and timers
+        self._timers: list = []  # heap of [when, seq, callback or None when cancelled]
+        self._cancelled = 0  # cancelled entries still in the heap
+        self._seq = itertools.count()
+        self._incoming: collections.deque = collections.deque()
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            selector.register(self._wake, selectors.EVENT_READ, self._drain_wakeups)
+        except BaseException:
+            self.close()
+            raise
+
+    def call_soon(self, fn):
+        """Have the loop's thread call ``fn()`` (any thread may call this, until ``close``)."""
+        self._incoming.append(fn)
+        os.eventfd_write(self._wake, 1)
+
+    def after(self, delay: float, callback) -> list:
+        """Schedule ``callback`` in ``delay`` seconds. Returns a handle; ``cancel(handle)``
+        drops the callback at once, so a cancelled 30-second timeout does not keep its run in
+        memory."""
+        handle = [time.monotonic() + delay, next(self._seq), callback]
+        heapq.heappush(self._timers, handle)
+        return handle
+
+    def cancel(self, handle: list):
+        handle[2] = None
+        self._cancelled += 1
+        if self._cancelled > 1024 and 2 * self._cancelled > len(self._timers):
+            # Most entries are dead (a run's timeout outlives the run): rebuild the heap, so
+            # its size follows the running runs, not request rate × timeout.
+            self._timers = [t for t in self._timers if t[2] is not None]
+            heapq.heapify(self._timers)
+            self._cancelled = 0
+
+    def run_once(self):
+        """Wait for the next event or timer, and handle everything that is due."""
+        timeout = None
+        if self._timers:
+            timeout = min(max(0.0, self._timers[0][0] - time.monotonic()), 3600.0)
+        registered = self.selector.get_map()
+        for key, mask in self.selector.select(timeout):
+            # An earlier callback of this batch may have closed this fd (and a new child
+            # may even have reused its number): only a still-registered key is current.
+            if registered.get(key.fd) is key:
+                guarded("the process reactor", key.data, key.fd, mask)
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            callback = heapq.heappop(self._timers)[2]
+            if callback is None:
+                self._cancelled -= 1
+            else:
+                guarded("the process reactor", callback)
+        guarded("the process reactor", self.after_events)
+
+    def _drain_wakeups(self, fd, mask):
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            pass
+        while self._incoming:
+            self._incoming.popleft()()
+
+    def close(self):
+        self.selector.close()
+        os.close(self._wake)
 
 
 class Executor:
@@ -2837,35 +2918,40 @@ class Executor:
     """
 
     def __init__(self, on_spawn=lambda run: None, after_events=lambda: None):
-        # Both are called on the reactor thread: on_spawn(run) RECORD_SPAWN_AFTER seconds after
-        # a run's process was spawned, if it is still going (a run that ends sooner has its
-        # process group recorded with its end); after_events() after each round of events
-        # and timers (where the ends of that round are recorded together: StateStore).
+        # Both are called on the thread watching the run: on_spawn(run) RECORD_SPAWN_AFTER
+        # seconds after a run's process was spawned, if it is still going (a run that ends
+        # sooner has its process group recorded with its end); after_events() after each
+        # round of events and timers (where the ends of that round are recorded together:
+        # StateStore).
         self.on_spawn, self.after_events = on_spawn, after_events
-        self._selector = selectors.DefaultSelector()
-        self._timers: list = []  # heap of [when, seq, callback or None when cancelled]
-        self._cancelled = 0  # cancelled entries still in the heap
-        self._seq = itertools.count()
-        self._incoming: collections.deque = collections.deque()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeups)
+        self._reactor = _Loop(selectors.DefaultSelector(), after_events)
         self._children: set[_Child] = set()
         self._doomed: set[Run] = set()  # cancelled while their process was being spawned
         self.running = 0  # processes started and not yet ended (any thread may read it)
         self.pending_kills = 0  # process groups sent SIGTERM whose SIGKILL is still to come
-        self._count_lock = threading.Lock()
-        threading.Thread(target=self._loop, name="rtask-reactor", daemon=True).start()
+        self._lock = threading.Lock()  # the two sets and the two counts: every loop's thread
+        threading.Thread(target=self._serve_reactor, name="rtask-reactor", daemon=True).start()
+
+    def _serve_reactor(self):
+        while True:
+            self._reactor.run_once()
 
     # -- called from handler threads ---------------------------------------------------------
 
-    def start(self, run: Run, body: bytes, env: dict[str, str], on_end) -> None:
-        """Spawn the run's command; ``on_end(run)`` is called (on the reactor thread) when the
-        run has its result, and publishes it (Run.publish) once that is recorded; if on_end
+    def start(self, run: Run, body: bytes, env: dict[str, str], on_end, wait: bool = False) -> None:
+        """Spawn the run's command; ``on_end(run)`` is called (on the thread watching it) when
+        the run has its result, and publishes it (Run.publish) once that is recorded; if on_end
         fails, the run is published here. A command that cannot start ends the run at once
-        with -2 (``run.pgid`` stays None)."""
+        with -2 (``run.pgid`` stays None).
+
+        With ``wait``, the calling thread watches the run itself and returns once it has been
+        reported: a sync request's thread waits for its run anyway, and watching it there
+        spares every event of the run a hand-over to the reactor thread and back (bench/)."""
         task = run.task
-        pipes = []
+        pipes, loop = [], self._reactor
         try:
+            if wait:
+                loop = _Loop(selectors.PollSelector(), self.after_events)
             for _ in range(2 if task.merge_stderr else 3):  # a loop: on EMFILE, close what was made
                 pipes.append(os.pipe2(os.O_CLOEXEC))
             stdin, stdout = pipes[0], pipes[1]
@@ -2874,117 +2960,65 @@ class Executor:
         except (OSError, ValueError) as e:
             for fd in itertools.chain.from_iterable(pipes):
                 os.close(fd)
+            if loop is not self._reactor:
+                loop.close()
             self._end_unstarted(run, e, on_end)
             return
         run.pgid = process.pid
         for _, write_end in pipes[1:]:
             os.close(write_end)
         os.close(stdin[0])
-        child = _Child(run, process, on_end)
+        child = _Child(run, process, on_end, loop)
         child.streams[stdout[0]] = run.stdout
         if not task.merge_stderr:
             child.streams[stderr[0]] = run.stderr
         child.stdin_fd = stdin[1]
         child.stdin_data = memoryview(body)
-        with self._count_lock:
+        with self._lock:
             self.running += 1
-        self.call_soon(child)
+        if not wait:
+            loop.call_soon(lambda: self._watch(child))
+            return
+        try:
+            self._watch(child)
+            while not child.ended:
+                loop.run_once()
+        finally:
+            loop.close()
 
     def cancel(self, run: Run) -> bool:
         """Stop a run's process group (TERM, then KILL); False if the run had ended. A run
         already being stopped (by its timeout or an earlier cancel) keeps that outcome. A run
         that has its slot but whose process is still being spawned is stopped on arrival."""
-        found = []
-
-        def stop():
-            try:
-                found.extend(c for c in self._children if c.run is run)
-                for child in found:
-                    self._signal_group(child, "cancelled")
-                if not found and run.finished_at is None:
-                    self._doomed.add(run)
-                    found.append(run)
-            finally:
-                done.set()
-        done = threading.Event()
-        self.call_soon(stop)
-        done.wait()
-        return bool(found)
+        with self._lock:
+            found = [c for c in self._children if c.run is run]
+            for child in found:  # (under the lock: a child still listed has its loop open)
+                child.loop.call_soon(lambda c=child: self._signal_group(c, "cancelled"))
+            if not found and run.finished_at is None:
+                self._doomed.add(run)
+                return True
+            return bool(found)
 
     def stop_all(self):
         """Stop every running run's process group (TERM, then KILL), as a cancel would."""
-        def stop():
-            for child in list(self._children):
-                self._signal_group(child, "cancelled")
-        self.call_soon(stop)
+        with self._lock:
+            for child in self._children:
+                child.loop.call_soon(lambda c=child: self._signal_group(c, "cancelled"))
 
-    def call_soon(self, item):
-        """Hand a new child or a function to the reactor thread (the selector is its alone)."""
-        self._incoming.append(item)
-        try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:  # the pipe is full: the reactor is already due to wake
-            pass
-
-    # -- the reactor thread ------------------------------------------------------------------
-
-    def _loop(self):
-        while True:
-            timeout = None
-            if self._timers:
-                timeout = min(max(0.0, self._timers[0][0] - time.monotonic()), 3600.0)
-            registered = self._selector.get_map()
-            for key, mask in self._selector.select(timeout):
-                # An earlier callback of this batch may have closed this fd (and a new child
-                # may even have reused its number): only a still-registered key is current.
-                if registered.get(key.fd) is key:
-                    guarded("the process reactor", key.data, key.fd, mask)
-            now = time.monotonic()
-            while self._timers and self._timers[0][0] <= now:
-                callback = heapq.heappop(self._timers)[2]
-                if callback is None:
-                    self._cancelled -= 1
-                else:
-                    guarded("the process reactor", callback)
-            guarded("the process reactor", self.after_events)
-
-    def _after(self, delay: float, callback) -> list:
-        """Schedule ``callback`` on the reactor. Returns a handle; ``_cancel(handle)`` drops the
-        callback at once, so a cancelled 30-second timeout does not keep its run in memory."""
-        handle = [time.monotonic() + delay, next(self._seq), callback]
-        heapq.heappush(self._timers, handle)
-        return handle
-
-    def _cancel(self, handle: list):
-        handle[2] = None
-        self._cancelled += 1
-        if self._cancelled > 1024 and 2 * self._cancelled > len(self._timers):
-            # Most entries are dead (a run's timeout outlives the run): rebuild the heap, so
-            # its size follows the running runs, not request rate × timeout.
-            self._timers = [t for t in self._timers if t[2] is not None]
-            heapq.heapify(self._timers)
-            self._cancelled = 0
-
-    def _drain_wakeups(self, fd, mask):
-        try:
-            os.read(fd, 4096)
-        except BlockingIOError:
-            pass
-        while self._incoming:
-            item = self._incoming.popleft()
-            if isinstance(item, _Child):
-                self._watch(item)
-            else:
-                item()
+    # -- on the thread watching the run ------------------------------------------------------
 
     def _watch(self, child: _Child):
-        self._children.add(child)
+        with self._lock:
+            self._children.add(child)
+            doomed = child.run in self._doomed
+            self._doomed.discard(child.run)
+        loop = child.loop
         for fd in child.streams:
             os.set_blocking(fd, False)
-            self._selector.register(fd, selectors.EVENT_READ, self._on_output(child))
+            loop.selector.register(fd, selectors.EVENT_READ, self._on_output(child))
         if child.stdin_data:
             os.set_blocking(child.stdin_fd, False)
-            self._selector.register(child.stdin_fd, selectors.EVENT_WRITE, self._on_stdin(child))
+            loop.selector.register(child.stdin_fd, selectors.EVENT_WRITE, self._on_stdin(child))
         else:
             os.close(child.stdin_fd)
             child.stdin_fd = None
@@ -2993,12 +3027,11 @@ class Executor:
         except (AttributeError, OSError):  # no pidfd (not Linux ≥ 5.3): poll for the exit
             self._poll_exit(child)
         else:
-            self._selector.register(pidfd, selectors.EVENT_READ, self._on_exit(child))
-        child.timers.append(self._after(child.run.task.timeout_seconds,
-                                        lambda: self._signal_group(child, "timeout")))
-        child.timers.append(self._after(RECORD_SPAWN_AFTER, lambda: self.on_spawn(child.run)))
-        if child.run in self._doomed:
-            self._doomed.discard(child.run)
+            loop.selector.register(pidfd, selectors.EVENT_READ, self._on_exit(child))
+        child.timers.append(loop.after(child.run.task.timeout_seconds,
+                                       lambda: self._signal_group(child, "timeout")))
+        child.timers.append(loop.after(RECORD_SPAWN_AFTER, lambda: self.on_spawn(child.run)))
+        if doomed:
             self._signal_group(child, "cancelled")
 
     def _on_output(self, child: _Child):
@@ -3032,14 +3065,14 @@ class Executor:
 
     def _on_exit(self, child: _Child):
         def exited(fd, mask):
-            self._selector.unregister(fd)
+            child.loop.selector.unregister(fd)
             os.close(fd)
             self._reap(child)
         return exited
 
     def _poll_exit(self, child: _Child):
         if child.proc.poll() is None:
-            child.timers.append(self._after(0.02, lambda: self._poll_exit(child)))
+            child.timers.append(child.loop.after(0.02, lambda: self._poll_exit(child)))
         else:
             self._reap(child)
 
@@ -3049,7 +3082,7 @@ class Executor:
         if child.killed_as or not child.streams:
             self._end(child)  # a killed run answers now, whoever still holds its pipes
         else:
-            child.timers.append(self._after(PIPE_GRACE_SECONDS, lambda: self._end(child)))
+            child.timers.append(child.loop.after(PIPE_GRACE_SECONDS, lambda: self._end(child)))
 
     def _signal_group(self, child: _Child, why: str):
         """SIGTERM the run's process group now and SIGKILL it after KILL_GRACE_SECONDS. The
@@ -3062,36 +3095,38 @@ class Executor:
         child.killed_as = why
         pgid = child.proc.pid  # start_new_session: the child leads its own group
         _killpg(pgid, signal.SIGTERM)
-        # Not in child.timers: the KILL must still come after the run has ended, for the
-        # grandchildren that ignored the TERM (and a drain waits for it: pending_kills).
-        with self._count_lock:
+        # On the reactor, not in child.timers: the KILL must still come after the run has
+        # ended (and its own loop is gone), for the grandchildren that ignored the TERM (and
+        # a drain waits for it: pending_kills).
+        with self._lock:
             self.pending_kills += 1
-        self._after(KILL_GRACE_SECONDS, lambda: self._kill_group(pgid))
+        self._reactor.call_soon(
+            lambda: self._reactor.after(KILL_GRACE_SECONDS, lambda: self._kill_group(pgid)))
         if child.exited:  # cancelled while daemons held its pipes: it ends now, they go too
             self._end(child)
 
     def _kill_group(self, pgid: int):
         _killpg(pgid, signal.SIGKILL)
-        with self._count_lock:
+        with self._lock:
             self.pending_kills -= 1
 
     def _close_stream(self, child: _Child, fd: int):
-        self._selector.unregister(fd)
+        child.loop.selector.unregister(fd)
         os.close(fd)
         del child.streams[fd]
 
     def _close_stdin(self, child: _Child):
         if child.stdin_fd is not None:
-            self._selector.unregister(child.stdin_fd)
+            child.loop.selector.unregister(child.stdin_fd)
             os.close(child.stdin_fd)
             child.stdin_fd = None
 
     def _end(self, child: _Child):
-        if child not in self._children:
+        if child.ended:
             return
-        self._children.discard(child)
+        child.ended = True
         for handle in child.timers:
-            self._cancel(handle)
+            child.loop.cancel(handle)
         for fd in list(child.streams):
             self._close_stream(child, fd)
         self._close_stdin(child)
@@ -3103,7 +3138,8 @@ class Executor:
         else:
             status, exit_code = ("success" if code == 0 else "failure"), code
         child.run.finish(status, exit_code)
-        with self._count_lock:
+        with self._lock:  # (after finish: a cancel that no longer finds it sees it finished)
+            self._children.discard(child)
             self.running -= 1
         self._report_end(child.run, child.on_end)
 
@@ -3126,7 +3162,12 @@ class Executor:
         run.finish("failure", -2)
         # On the reactor, later: a failed start of a queued run hands its slot to the next in
         # line, which may fail too; done inline, a long line of them would recurse.
-        self.call_soon(lambda: (self._doomed.discard(run), self._report_end(run, on_end)))
+        self._reactor.call_soon(lambda: self._report_unstarted(run, on_end))
+
+    def _report_unstarted(self, run: Run, on_end):
+        with self._lock:
+            self._doomed.discard(run)
+        self._report_end(run, on_end)
 
 
 def _killpg(pgid: int, sig):
@@ -3703,13 +3744,14 @@ class App:
         return bool(self.inflight or self.executor.running or self.executor.pending_kills or
                     any(s.slots.waiting_here for s in self.tasks.values()))
 
-    def launch(self, state: TaskState, run: Run, body: bytes, env: dict[str, str]):
+    def launch(self, state: TaskState, run: Run, body: bytes, env: dict[str, str], wait: bool = False):
         """Start the run's process; it must hold a concurrency slot, which is given back, its
-        metric observed and its log line written when it ends. An async run's process group
-        is recorded at once: its id is answered next, and any worker must find it."""
+        metric observed and its log line written when it ends. With ``wait``, the calling
+        thread watches the run and returns once it has ended (Executor.start). An async run's
+        process group is recorded at once: its id is answered next, and any worker must find it."""
         run.launch = None
         run.mark_started()
-        self.executor.start(run, body, env, lambda r: self._run_ended(state, r))
+        self.executor.start(run, body, env, lambda r: self._run_ended(state, r), wait)
         if run.task.is_async and run.pgid is not None:
             self.store.save(run)
             self.store.write_pending()
@@ -4242,7 +4284,9 @@ def execute(h: RequestHandler, state: TaskState, caller: Caller, body: bytes | N
     env = build_environment(task, run, h.headers)
     env.update(parameter_environment(task, resolved))
     log_parameter_values(run, task, resolved)
-    start_when_admitted(state, run, lambda: h.app.launch(state, run, body, env))
+    streamed = "text/event-stream" in (h.headers.get("accept") or "")
+    here = not (task.is_async or streamed)  # this thread only waits for the end: it watches the run
+    start_when_admitted(state, run, lambda: h.app.launch(state, run, body, env, here))
     if run.short_of_resources:
         # Answered once its slot is given back (the reactor ends the run at once). A run
         # started later from the line has no caller waiting: its result says why it did not start.
@@ -4253,7 +4297,7 @@ def execute(h: RequestHandler, state: TaskState, caller: Caller, body: bytes | N
     if task.is_async:
         run.recorded.wait()  # the caller may ask any worker for it next
         h.send_json(200, {"task_id": run.id, "status": run.shown_status()})
-    elif "text/event-stream" in (h.headers.get("accept") or ""):
+    elif streamed:
         stream_events(h, run)
     else:
         run.done.wait()

@@ -2210,6 +2210,65 @@ def test_command_not_reading_stdin_completes_with_a_large_body(_hx_shared):
     assert time.monotonic() - t0 < 5
 
 
+def test_every_way_a_run_ends_gives_its_descriptors_back(start_server, tmp_path):
+    """Pipes, pidfds and the event loop of a sync run's own thread are closed however the run
+    ends: success, failure with input, a command that cannot start, a timeout, a cancel, and
+    async runs (watched by the reactor instead)."""
+    id_file = tmp_path / "run-id"
+    server, keys = start_server(f"""
+        [tasks.ok]
+        command = ["echo", "hi"]
+        apiKeyNames = ["ci"]
+        [tasks.fails]
+        command = ["sh", "-c", "cat; exit 3"]
+        apiKeyNames = ["ci"]
+        maxInputBytes = 200000
+        [tasks.missing]
+        command = [{_hx_q(str(tmp_path / "no-such-program"))}]
+        apiKeyNames = ["ci"]
+        [tasks.slow]
+        command = ["sh", "-c", "trap '' TERM; sleep 5"]
+        apiKeyNames = ["ci"]
+        executionTimeoutSeconds = 1
+        [tasks.held]
+        command = ["sh", "-c", "echo $RTASK_TASK_ID > \\"$0.tmp\\"; mv \\"$0.tmp\\" \\"$0\\"; sleep 30", {_hx_q(str(id_file))}]
+        apiKeyNames = ["ci"]
+        [tasks.later]
+        command = ["sh", "-c", "sleep 0.2; echo done"]
+        apiKeyNames = ["ci"]
+        async = true
+    """)
+    key = keys["ci"]
+    worker = server.worker_pid()
+
+    def cancel_held():
+        run_id = wait_for(lambda: id_file.exists() and id_file.read_text().strip())
+        id_file.unlink()
+        assert server.request("DELETE", f"/tasks/held/{run_id}", key=key).status == 200
+
+    def every_ending():
+        assert json.loads(server.post("ok", key=key).body)["status"] == "success"
+        assert json.loads(server.post("fails", b"x" * 200_000, key=key).body)["exit_code"] == 3
+        assert json.loads(server.post("missing", key=key).body)["exit_code"] == -2
+        assert json.loads(server.post("slow", key=key).body)["status"] == "timeout"
+        canceller = threading.Thread(target=cancel_held)
+        canceller.start()
+        assert json.loads(server.post("held", key=key).body)["status"] == "cancelled"
+        canceller.join(10)
+        run_id = json.loads(server.post("later", key=key).body)["task_id"]
+        assert json.loads(server.get(f"/tasks/later/{run_id}?wait=10", key=key).body)["status"] == "success"
+
+    def descriptors():
+        return len(os.listdir(f"/proc/{worker}/fd"))
+    every_ending()  # the first round opens what stays open (the store, metric files)
+    time.sleep(2.5)  # the SIGKILLs 2 s after the SIGTERMs
+    baseline = descriptors()
+    for _ in range(3):
+        every_ending()
+    time.sleep(2.5)
+    assert descriptors() == baseline
+
+
 # =============================================================================================
 # ===== Metrics =====
 # =============================================================================================
