@@ -7042,7 +7042,7 @@ def test_add_key_keeps_keys_toml_valid_with_a_name_beyond_the_bmp(tmp_path):
 
 def test_a_key_entry_argon2_cannot_compute_is_refused_when_loaded(tmp_path):
     """Argon2 needs 8 KiB of memory per lane: m = 1 MiB with p = 255 cannot be hashed."""
-    key, salt = os.urandom(40), os.urandom(16)
+    salt = os.urandom(16)
     entry = _ck_b64e(_ck_go_cbor({1: 0, 2: salt, 3: 1, 4: 1, 5: 255, 6: os.urandom(40)}))
     (tmp_path / "keys.toml").write_text(f'ci = "{entry}"\n')
     (tmp_path / "config.toml").write_text(_ig_task("t", ["true"]))
