@@ -159,6 +159,7 @@ DISCARD_BODY_LIMIT = 1 << 20  # unread bodies up to this size are drained to kee
 
 # Execution.
 READ_CHUNK = 65536
+READS_PER_EVENT = 4  # chunks read from one output pipe before the loop turns to other events
 PIPE_GRACE_SECONDS = 0.5  # after a normal exit, how long to wait for pipes held by daemons
 KILL_GRACE_SECONDS = 2.0  # SIGTERM → SIGKILL: time for a task to clean up before it is killed
 MAX_RUNS_IN_FLIGHT = 512  # running processes per worker, whatever the task limits
@@ -2822,6 +2823,7 @@ class _Child:
         self.streams: dict[int, Output] = {}  # open output fds
         self.stdin_fd: int | None = None
         self.stdin_data = memoryview(b"")
+        self.pidfd: int | None = None  # open until the process is reaped
         self.exited = False
         self.ended = False
         self.killed_as: str | None = None  # "timeout" or "cancelled" once we signalled it
@@ -3028,6 +3030,7 @@ class Executor:
             self._poll_exit(child)
         else:
             loop.selector.register(pidfd, selectors.EVENT_READ, self._on_exit(child))
+            child.pidfd = pidfd
         child.timers.append(loop.after(child.run.task.timeout_seconds,
                                        lambda: self._signal_group(child, "timeout")))
         child.timers.append(loop.after(RECORD_SPAWN_AFTER, lambda: self.on_spawn(child.run)))
@@ -3036,19 +3039,30 @@ class Executor:
 
     def _on_output(self, child: _Child):
         def readable(fd, mask):
+            self._read(child, fd)
+            if child.streams:
+                return
+            if child.exited:
+                self._end(child)
+            elif child.proc.poll() is not None:  # (its exit came with its last output: no round more)
+                self._reap(child)
+        return readable
+
+    def _read(self, child: _Child, fd: int):
+        """Read what ``fd`` holds now (READS_PER_EVENT chunks at most: a chatty command must
+        not keep the loop from its other runs), and close it at its end. Reading until the
+        pipe is empty usually finds the end with the last output: a round of the loop less."""
+        for _ in range(READS_PER_EVENT):
             try:
                 chunk = os.read(fd, READ_CHUNK)
             except BlockingIOError:
                 return
             except OSError:
                 chunk = b""
-            if chunk:
-                child.run.add_output(child.streams[fd], chunk)
+            if not chunk:
+                self._close_stream(child, fd)
                 return
-            self._close_stream(child, fd)
-            if child.exited and not child.streams:
-                self._end(child)
-        return readable
+            child.run.add_output(child.streams[fd], chunk)
 
     def _on_stdin(self, child: _Child):
         def writable(fd, mask):
@@ -3065,8 +3079,6 @@ class Executor:
 
     def _on_exit(self, child: _Child):
         def exited(fd, mask):
-            child.loop.selector.unregister(fd)
-            os.close(fd)
             self._reap(child)
         return exited
 
@@ -3077,8 +3089,14 @@ class Executor:
             self._reap(child)
 
     def _reap(self, child: _Child):
+        if child.pidfd is not None:
+            child.loop.selector.unregister(child.pidfd)
+            os.close(child.pidfd)
+            child.pidfd = None
         child.proc.wait()
         child.exited = True
+        for fd in list(child.streams):  # its last output and the ends of its pipes, usually there
+            self._read(child, fd)
         if child.killed_as or not child.streams:
             self._end(child)  # a killed run answers now, whoever still holds its pipes
         else:

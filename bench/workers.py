@@ -4,6 +4,9 @@
 Prints, all measured in the same run on the same machine:
 - the Python spawn ceiling (/bin/echo hi) from 16 threads and from 16 processes: the GIL
   limit that workers exist to pass;
+- the Python server ceiling: bench/python_ceiling.py, the least a threaded Python server can
+  do for the same request (HTTP, a thread per connection, subprocess.run, JSON; no auth, no
+  logs, no store), in 1 and 2 processes: how close rtask is to what Python reaches here;
 - requests/s, p99 and the server's CPU time per request (all its processes: supervisor and
   workers; not the commands) of `POST /tasks/echo` with an API key at 4, 16 and 64
   connections, for webhook (no auth), rtask --workers 1, 2 and auto, rtask --workers 1 with
@@ -11,7 +14,8 @@ Prints, all measured in the same run on the same machine:
   returns at once: the durable store's cost, same code otherwise), and the previous design's
   rtask.py (--base REV, a git revision of this repository, default 969341f: one process,
   results in memory, no workers);
-- the ratios the contract asks for: 2 workers / webhook at 4 and 16 connections (req/s, p99),
+- the ratios the contract asks for: 2 workers / webhook at 4 and 16 connections (req/s, p99)
+  and 2 workers / the Python server ceiling in 2 processes,
   the rate at 64 over the rate at 16 connections for 1 and 2 workers, workers 1 / base, and
   workers 1 / workers 1 without store writes.
 
@@ -35,9 +39,10 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import (APT_LINE, BASE_REVISION, HERE, HOST, TASK, BenchError, Server, add_key,  # noqa: E402
-                   ceiling_subprocess, free_port, load, log, previous_design, rtask_cmd, run_main,
-                   start_webhook, verify_rtask, verify_webhook, wait_rtask_ready, write_rtask_config)
+from bench import (APT_LINE, BASE_REVISION, HERE, HOST, START_TIMEOUT, TASK, BenchError,  # noqa: E402
+                   Server, add_key, ceiling_subprocess, free_port, load, log, previous_design,
+                   rtask_cmd, run_main, start_webhook, verify_rtask, verify_webhook, wait_port,
+                   wait_rtask_ready, write_rtask_config)
 
 CONNECTIONS = (4, 16, 64)
 def _spawn_loop(seconds: float) -> int:
@@ -107,6 +112,20 @@ def start(rtask, tmp, key, name, run_args):
     return server
 
 
+def start_python_ceiling(tmp, processes):
+    """bench/python_ceiling.py in ``processes`` processes, answering."""
+    port = free_port()
+    name = f"Python ceiling, {processes} proc"
+    log_path = os.path.join(tmp, f"python-ceiling-{processes}.log")
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "python_ceiling.py"), str(port), str(processes)],
+                                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, cwd=tmp)
+    server = Server(name, proc, port, f"/tasks/{TASK}", {}, log_path)
+    wait_port(server, time.monotonic() + START_TIMEOUT)
+    verify_rtask(server)
+    return server
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per load run (8)")
@@ -135,6 +154,7 @@ def main(argv=None):
         webhook = start_webhook(tmp, f"Bearer {key}")
         verify_webhook(webhook)
         servers.append(webhook)
+        servers += [start_python_ceiling(tmp, 1), start_python_ceiling(tmp, 2)]
         configs = [("rtask workers=1", args.rtask, ["--workers", "1", "--state-dir", os.path.join(tmp, "s1")]),
                    ("rtask workers=2", args.rtask, ["--workers", "2", "--state-dir", os.path.join(tmp, "s2")]),
                    (f"rtask workers=auto ({cpus})", args.rtask,
@@ -182,6 +202,9 @@ def main(argv=None):
         print(f"  workers=2 / webhook at {c:>2} connections: req/s {rps('rtask workers=2', c) / rps('webhook', c):.2f}x"
               f" (goal >= 1.0), p99 {results['rtask workers=2', c]['p99'] / results['webhook', c]['p99']:.2f}x"
               " (goal <= 1.0)")
+        print(f"  workers=2 / Python ceiling in 2 processes at {c:>2} connections: req/s "
+              f"{rps('rtask workers=2', c) / rps('Python ceiling, 2 proc', c):.2f}x, Python ceiling / webhook "
+              f"{rps('Python ceiling, 2 proc', c) / rps('webhook', c):.2f}x")
     for name in ("rtask workers=1", "rtask workers=2"):
         print(f"  {name}: rate at 64 / rate at 16 connections: {rps(name, 64) / rps(name, 16):.2f} (goal >= 0.95)")
     for c in CONNECTIONS:
