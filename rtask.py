@@ -51,6 +51,7 @@ import os
 import pwd
 import re
 import secrets
+import select
 import selectors
 import shlex
 import shutil
@@ -5473,24 +5474,33 @@ def serve_worker(args, sock: socket.socket, store: StateStore) -> int:
 
 def catch_signals():
     """Catch SIGTERM, SIGINT and SIGHUP from now on (installed before anything can observe the
-    server: a SIGHUP's default action is to kill) and queue them for the main loop. Returns
-    ``received()``: waits up to 0.25 s, then gives the signals caught so far, oldest first.
-    A timeout, not a plain wait: a signal that the kernel delivers to another thread only
-    runs its Python handler once the main thread executes again."""
-    signals: collections.deque = collections.deque()
-    wake = threading.Event()
+    server: a SIGHUP's default action is to kill) and keep them for the main loop. Returns
+    ``received()``: waits up to 0.25 s for one, then gives the signals caught since the last
+    call, each once, SIGHUP first (so a SIGTERM that came with it is the last word).
 
-    def on_signal(signum, frame):
-        signals.append(signum)
-        wake.set()
-
+    The handler takes no lock and allocates nothing that grows: a signal can interrupt the
+    handler of the one before, or the main thread anywhere, and a handler that took a lock
+    (threading.Event.set) deadlocked there, and a burst of them overflowed the stack. The
+    interpreter's own C handler writes to the wakeup pipe, so the main thread wakes at once
+    whichever thread the kernel delivered the signal to; the timeout is only a backstop."""
+    pending: set[int] = set()
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+        signal.signal(sig, lambda signum, frame: pending.add(signum))
+    wakeup = select.poll()
+    wakeup.register(wake_r, select.POLLIN)
 
     def received() -> list[int]:
-        wake.wait(0.25)
-        wake.clear()
-        return [signals.popleft() for _ in range(len(signals))]
+        wakeup.poll(250)
+        try:
+            while os.read(wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        caught = [sig for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT) if sig in pending]
+        pending.difference_update(caught)  # (one coming now is one just seen: nothing is lost)
+        return caught
     return received
 
 

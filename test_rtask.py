@@ -2413,6 +2413,30 @@ def test_shutdown_signal_delivered_to_any_thread_is_honoured(start_server):
     assert server.proc.wait(10) == 0
 
 
+@pytest.mark.parametrize("target", ["supervisor", "worker"])
+def test_signals_in_a_burst_never_hang_the_server(start_server, target):
+    """A signal handler that takes a lock (threading.Event.set) deadlocks when a second signal
+    interrupts it, or when one lands while the main thread holds that lock: the process then
+    never drains. systemd's default KillMode sends SIGTERM to every process of the unit and
+    the supervisor passes it on too, so a worker gets two at once. After a burst of SIGHUPs
+    the server still reloads, answers and stops on SIGTERM."""
+    server, keys = start_server("""
+        [tasks.quiet]
+        command = ["true"]
+        apiKeyNames = ["ci"]
+    """, keys=("ci",))
+    pid = server.proc.pid if target == "supervisor" else server.worker_pid()
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:  # signals faster than a handler runs: some interrupt it
+        os.kill(pid, signal.SIGHUP)
+    time.sleep(1)
+    assert server.post("quiet", key=keys["ci"]).status == 200
+    for _ in range(20):
+        os.kill(pid, signal.SIGTERM)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(15) == 0
+
+
 # =============================================================================================
 # ===== Task lifecycle =====
 # =============================================================================================
