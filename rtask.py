@@ -161,6 +161,7 @@ DISCARD_BODY_LIMIT = 1 << 20  # unread bodies up to this size are drained to kee
 # Execution.
 READ_CHUNK = 65536
 READS_PER_EVENT = 4  # chunks read from one output pipe before the loop turns to other events
+WATCH_HERE_BELOW = 8  # running runs in a process below which a sync run is watched by its own thread
 PIPE_GRACE_SECONDS = 0.5  # after a normal exit, how long to wait for pipes held by daemons
 KILL_GRACE_SECONDS = 2.0  # SIGTERM → SIGKILL: time for a task to clean up before it is killed
 MAX_RUNS_IN_FLIGHT = 512  # running processes per worker, whatever the task limits
@@ -2681,7 +2682,7 @@ class Output:
 
 
 class Run:
-    """One execution of a task, from spawn to result; shared by the reactor (which writes it)
+    """One execution of a task, from spawn to result; shared by the loop watching it (which writes it)
     and the handlers that wait for it or read it."""
 
     def __init__(self, task: TaskSpec, caller: Caller, client: str):
@@ -2947,10 +2948,14 @@ class Executor:
         fails, the run is published here. A command that cannot start ends the run at once
         with -2 (``run.pgid`` stays None).
 
-        With ``wait``, the calling thread watches the run itself and returns once it has been
-        reported: a sync request's thread waits for its run anyway, and watching it there
-        spares every event of the run a hand-over to the reactor thread and back (bench/)."""
+        ``wait``: the caller waits for the end anyway (a sync request's thread). Then, while
+        fewer than WATCH_HERE_BELOW runs are running in this process, the calling thread
+        watches the run itself and returns once it has been reported: that spares every event
+        of the run a hand-over to the reactor thread and back. With more, the reactor watches
+        it: one thread taking the events of many runs in each round costs less than many
+        threads each woken for its own (bench/workers.py, README §14)."""
         task = run.task
+        wait = wait and self.running < WATCH_HERE_BELOW
         pipes, loop = [], self._reactor
         try:
             if wait:
@@ -2988,13 +2993,14 @@ class Executor:
                 loop.run_once()
         finally:
             loop.close()
+        guarded("the process reactor", self.after_events)  # (for a run that ended within _watch)
 
     def cancel(self, run: Run) -> bool:
         """Stop a run's process group (TERM, then KILL); False if the run had ended. A run
         already being stopped (by its timeout or an earlier cancel) keeps that outcome. A run
         that has its slot but whose process is still being spawned is stopped on arrival."""
         with self._lock:
-            found = [c for c in self._children if c.run is run]
+            found = [c for c in self._children if c.run is run and not c.ended]
             for child in found:  # (under the lock: a child still listed has its loop open)
                 child.loop.call_soon(lambda c=child: self._signal_group(c, "cancelled"))
             if not found and run.finished_at is None:
@@ -3105,8 +3111,10 @@ class Executor:
 
     def _signal_group(self, child: _Child, why: str):
         """SIGTERM the run's process group now and SIGKILL it after KILL_GRACE_SECONDS. The
-        first reason wins: a cancelled run does not turn into a timeout while it dies."""
-        if child.killed_as:
+        first reason wins: a cancelled run does not turn into a timeout while it dies. A run
+        that ended meanwhile (a cancel handed in just as it ended) is left alone: the
+        daemons it may have started are not the cancel's to stop."""
+        if child.killed_as or child.ended:
             return
         if child.exited and why == "timeout":  # ended already; only pipe holders remain, ignored
             self._end(child)
@@ -3213,8 +3221,8 @@ class StateStore:
     - A run's row is written when it waits in line or takes a slot of a limited task (in the
       limiter's transaction), when its process has been spawned (with the process group and
       that process's start time, for crash recovery), and when it ends (status, exit code,
-      output). The last two are committed in groups (``write_pending``): the reactor commits
-      the ends of each round of events at once, and a sync run's process group is recorded
+      output). The last two are committed in groups (``write_pending``): each event loop
+      commits the ends of its round of events at once, and a sync run's process group is recorded
       only if it is still going RECORD_SPAWN_AFTER seconds after its spawn (a run that ends
       sooner is one row write, not two). A commit costs 55-77 µs of CPU and each handing of
       work to another thread ~50 µs on the 2-core machine measured (README §14), more than
@@ -3378,15 +3386,19 @@ class StateStore:
                 entry[2].append(then)
 
     def write_pending(self):
-        """Write every row handed over since the last call in one statement (group commit:
-        the reactor calls this after each round of events, so the runs that ended in one
-        round cost one commit; a spawn and an end that wait together are one row), then set
-        each run's ``recorded`` and call its callbacks. Any thread may call it."""
+        """Write every row handed over so far in one statement, then set each run's
+        ``recorded`` and call its callbacks. Any thread may call it; each event loop does after
+        a round of events. Group commit: the runs that ended in one round cost one commit, a
+        spawn and an end that wait together are one row, and a thread that finds another
+        writing waits, then writes what was handed over meanwhile (its own row and those of
+        the threads behind it, which then find nothing left to do)."""
         with self._pending_lock:
             if not self._pending:
                 return
-            batch, self._pending = list(self._pending.values()), {}
-        guarded("the state store", self._write_batch, batch)  # (whatever fails, the waiters are told)
+        with self._lock:  # (the writer before is done: what it did not take is ours to write)
+            with self._pending_lock:
+                batch, self._pending = list(self._pending.values()), {}
+            guarded("the state store", self._write_batch, batch)  # (whatever fails, the waiters are told)
         for run, _, callbacks in batch:
             run.recorded.set()
             for then in callbacks:
@@ -3776,7 +3788,7 @@ class App:
             self.store.write_pending()
 
     def _record_spawn(self, run: Run):
-        """(The reactor, for a run still going RECORD_SPAWN_AFTER seconds after its spawn.)"""
+        """(The loop watching a run still going RECORD_SPAWN_AFTER seconds after its spawn.)"""
         if not run.task.is_async:  # (an async one was recorded by launch)
             self.store.save(run)
 

@@ -2210,6 +2210,38 @@ def test_command_not_reading_stdin_completes_with_a_large_body(_hx_shared):
     assert time.monotonic() - t0 < 5
 
 
+def test_many_sync_runs_at_once_each_get_their_own_result(start_server):
+    """The first few sync runs of a worker are watched by their request threads, the rest (8
+    and more running) by the reactor: every caller gets its own run's output either way, and
+    a cancel reaches a run on either side."""
+    server, keys = start_server("""
+        [tasks.own]
+        command = ["sh", "-c", "sleep 0.5; echo \\"$RTASK_TASK_ID\\"; sleep \\"$(cat)\\""]
+        apiKeyNames = ["ci"]
+    """)
+    key = keys["ci"]
+    answers = {}
+
+    def call(i):
+        answers[i] = json.loads(server.post("own", "30" if i in (0, 15) else "0", key=key, timeout=20).body)
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(16)]
+    for i, thread in enumerate(threads):
+        thread.start()
+        if i in (0, 15):
+            time.sleep(0.2)  # run 0 starts first (its own thread), run 15 last (the reactor)
+    running = wait_for(lambda: len(runs := [r for r in json.loads(server.get("/tasks/own", key=key).body)["runs"]
+                                            if r["status"] == "running"]) == 2 and runs, timeout=15)
+    for run in running:
+        assert server.request("DELETE", f"/tasks/own/{run['task_id']}", key=key).status == 200
+    for thread in threads:
+        thread.join(20)
+    assert sorted(answers) == list(range(16))
+    for i, body in answers.items():
+        expected = ("cancelled", -1) if i in (0, 15) else ("success", 0)
+        assert (body["status"], body["exit_code"]) == expected, (i, body)
+        assert body["stdout"] == body["task_id"] + "\n", (i, body)
+
+
 def test_every_way_a_run_ends_gives_its_descriptors_back(start_server, tmp_path):
     """Pipes, pidfds and the event loop of a sync run's own thread are closed however the run
     ends: success, failure with input, a command that cannot start, a timeout, a cancel, and
