@@ -4352,15 +4352,28 @@ def start_when_admitted(state: TaskState, run: Run, start):
 
 
 def wait_in_line(state: TaskState, run: Run, start):
-    """A sync request starts now, or waits up to queueTimeoutSeconds for a slot (then 429)."""
+    """A sync request starts now, or waits up to queueTimeoutSeconds for a slot (then 429).
+    While it waits it is listed, and a DELETE takes it out of the line (App.cancel_queued):
+    it never starts, and its caller gets the cancelled result."""
     granted = threading.Event()
-    admission = state.slots.admit(run, granted.set)
+
+    def grant():
+        granted.set()
+        with run.changed:
+            run.changed.notify_all()
+    admission = state.slots.admit(run, grant)
     if admission == "full":
         raise too_many_running(state.task)
-    if admission == "queued" and not granted.wait(state.task.queue_timeout_seconds) \
-            and state.slots.withdraw(run):
-        raise too_many_running(state.task)
-    state.runs.add(run)
+    state.runs.add(run)  # (before it can end: GET, DELETE and its end find it)
+    if admission == "queued":
+        run.launch = start  # what marks a run waiting in line
+        with run.changed:
+            run.changed.wait_for(lambda: granted.is_set() or run.done.is_set(), state.task.queue_timeout_seconds)
+        if run.done.is_set():  # cancelled while waiting
+            return
+        if not granted.is_set() and state.slots.withdraw(run):
+            state.runs.discard(run)
+            raise too_many_running(state.task)
     start()
 
 
@@ -4941,7 +4954,14 @@ class Supervisor:
         argv += ["--max-connections", str(args.max_connections)]
         if args.max_connections_per_address:
             argv += ["--max-connections-per-address", str(args.max_connections_per_address)]
-        proc = subprocess.Popen(argv, pass_fds=[self.listener.fileno()], env=self._worker_environment())
+        # The worker starts with the signals it catches blocked (a signal mask survives exec)
+        # and unblocks them once its handlers are in place: until then a signal passed on to
+        # it (a SIGHUP's default action is to kill) waits instead.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, CAUGHT_SIGNALS)
+        try:
+            proc = subprocess.Popen(argv, pass_fds=[self.listener.fileno()], env=self._worker_environment())
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.workers[proc.pid] = (proc, time.monotonic())
 
     def _worker_environment(self) -> dict[str, str]:
@@ -5445,15 +5465,21 @@ def cmd_run(args) -> int:
 
 def cmd_worker(args) -> int:
     """The hidden ``_worker`` command: one of the supervisor's workers (see Supervisor)."""
+    # First, before any thread: the supervisor started this process with the signals
+    # blocked, and a SIGHUP or SIGTERM it passed on since then waits in line until the loop
+    # of serve_worker (a worker killed by a SIGHUP's default action while it loaded was
+    # replaced by one that met the next SIGHUP: a stream of them stopped the server).
+    received = catch_signals()
     store = StateStore(state_directory(args))
     watch_supervisor(args.supervisor, store)
-    return serve_worker(args, socket.socket(fileno=args.listen_fd), store)
+    return serve_worker(args, socket.socket(fileno=args.listen_fd), store, received)
 
 
-def serve_worker(args, sock: socket.socket, store: StateStore) -> int:
+def serve_worker(args, sock: socket.socket, store: StateStore, received) -> int:
     """A worker's body: serve the API on the supervisor's listener ``sock`` until SIGTERM/
     SIGINT (drain, exit 0); SIGHUP reloads config, keys and the API's TLS pair. The
-    supervisor has validated everything and owns the state directory and /metrics."""
+    supervisor has validated everything and owns the state directory and /metrics.
+    ``received`` gives the signals caught (catch_signals)."""
     config, keys, problems = load_everything(args)
     for warning in problems.warnings:
         log.warning(warning)
@@ -5462,9 +5488,6 @@ def serve_worker(args, sock: socket.socket, store: StateStore) -> int:
     trusted_proxies = parse_networks(args.trusted_proxy, "--trusted-proxy")
     metrics = Metrics()
     app = App(config, KeyRing(args.api_keys_file, keys, Argon2Slots(store.directory)), metrics, store)
-    # Signals are caught before this worker serves: a SIGHUP the supervisor passes on must
-    # reload, not kill (its default action). They wait in line until the loop below.
-    received = catch_signals()
     server = make_server(sock, app, tls, trusted_proxies, args.max_connections, args.max_connections_per_address)
     gc.freeze()  # start-up objects never become garbage; keep them out of every collection
     serve_forwarded_requests(app)
@@ -5484,6 +5507,9 @@ def serve_worker(args, sock: socket.socket, store: StateStore) -> int:
                 return 0
 
 
+CAUGHT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def catch_signals():
     """Catch SIGTERM, SIGINT and SIGHUP from now on (installed before anything can observe the
     server: a SIGHUP's default action is to kill) and keep them for the main loop. Returns
@@ -5498,8 +5524,9 @@ def catch_signals():
     pending: set[int] = set()
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in CAUGHT_SIGNALS:
         signal.signal(sig, lambda signum, frame: pending.add(signum))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, CAUGHT_SIGNALS)  # (a worker starts with them blocked)
     wakeup = select.poll()
     wakeup.register(wake_r, select.POLLIN)
 
@@ -5603,7 +5630,8 @@ def drain(server: Server, app: App):
     server.server_close()
     for state in app.tasks.values():
         for run in state.runs.live():
-            app.cancel_queued(state, run)
+            if run.task.is_async:  # (a sync request waiting in line may still get its slot)
+                app.cancel_queued(state, run)
     longest = max((t.timeout_seconds + t.queue_timeout_seconds for t in app.config.tasks.values()), default=0)
     deadline = time.monotonic() + longest + KILL_GRACE_SECONDS + 1
     while app.busy() and time.monotonic() < deadline:

@@ -9899,6 +9899,78 @@ def test_a_secret_parameter_cannot_be_a_command_argument(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+def test_sighups_while_a_replacement_worker_starts_reload_it_and_never_kill_it(wk_start):
+    """The supervisor passes SIGHUP on to every worker, also one it has just started: that
+    worker must not die of it (a SIGHUP's default action) before its handlers are in place.
+    It did, and a SIGHUP every 50 ms after a worker's death made each replacement die the
+    same way until the supervisor gave up (exit 1). A worker starts with those signals
+    blocked; the commands it runs must not inherit that."""
+    server, tokens = wk_start("""
+        [tasks.mask]
+        command = ["sh", "-c", "grep SigBlk /proc/$$/status"]
+        apiKeyNames = ["ci"]
+        [tasks.mask_async]
+        command = ["sh", "-c", "grep SigBlk /proc/$$/status"]
+        apiKeyNames = ["ci"]
+        async = true
+        """)
+    os.kill(_wk_worker_pids(server)[0], signal.SIGKILL)
+    end = time.monotonic() + 3
+    while time.monotonic() < end:
+        os.kill(server.proc.pid, signal.SIGHUP)
+        time.sleep(0.05)
+    assert server.proc.poll() is None, server.log()
+    assert "signal 1" not in server.log()
+    key = tokens["ci"]
+    assert wait_for(lambda: server.request("POST", "/tasks/mask", key=key).status == 200)
+    run_id = server.request("POST", "/tasks/mask_async", key=key).json["task_id"]
+    for body in (server.request("POST", "/tasks/mask", key=key).json,
+                 server.request("GET", f"/tasks/mask_async/{run_id}?wait=10", key=key).json):
+        assert body["stdout"].split() == ["SigBlk:", "0000000000000000"], body
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(15) == 0
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_sync_request_waiting_in_line_can_be_cancelled(wk_start, tmp_path, workers):
+    """A DELETE of a sync run that waits for a slot takes it out of the line at once (on any
+    worker): it never starts, its caller gets the cancelled result, and the run that held the
+    slot is not disturbed. (It used to be doomed as a copy: 7 s, then 200 "queued", and it ran.)"""
+    marker = tmp_path / "b-ran"
+    server, tokens = wk_start(f"""
+        [tasks.one]
+        command = ["sh", "-c", "sleep 1.5; touch \\"$(cat)\\""]
+        apiKeyNames = ["ci"]
+        maxConcurrentTasks = 1
+        queueSize = 2
+        queueTimeoutSeconds = 20
+        """, run_args=("--workers", workers))
+    key = tokens["ci"]
+    answers = {}
+
+    def call(name, body):
+        answers[name] = server.request("POST", "/tasks/one", body, key=key, timeout=30).json
+    first = threading.Thread(target=call, args=("a", str(tmp_path / "a-ran")))
+    first.start()
+    wait_for(lambda: any(r["status"] == "running" for r in server.get("/tasks/one", key=key).json["runs"]))
+    second = threading.Thread(target=call, args=("b", str(marker)))
+    second.start()
+    queued = wait_for(lambda: [r for r in server.get("/tasks/one", key=key).json["runs"] if r["status"] == "queued"])
+    t0 = time.monotonic()
+    deleted = server.request("DELETE", f"/tasks/one/{queued[0]['task_id']}", key=key)
+    assert time.monotonic() - t0 < 1.0
+    assert (deleted.status, deleted.json["status"], deleted.json["exit_code"]) == (200, "cancelled", -1), deleted.json
+    second.join(5)
+    assert not second.is_alive()
+    assert (answers["b"]["status"], answers["b"]["task_id"]) == ("cancelled", queued[0]["task_id"]), answers
+    assert "started_at" not in answers["b"]
+    first.join(10)
+    assert answers["a"]["status"] == "success", answers
+    time.sleep(0.3)
+    assert not marker.exists()  # the cancelled run never started
+    assert server.request("DELETE", f"/tasks/one/{queued[0]['task_id']}", key=key).status == 409
+
+
 def test_requests_forwarded_to_another_worker_keep_their_path(wk_start):
     """A task name with '?', '%' and ' ' (names are what Go accepts): every worker answers a
     read of a running run, also when it forwards the request to the worker that runs it."""
