@@ -4369,11 +4369,12 @@ def wait_in_line(state: TaskState, run: Run, start):
         run.launch = start  # what marks a run waiting in line
         with run.changed:
             run.changed.wait_for(lambda: granted.is_set() or run.done.is_set(), state.task.queue_timeout_seconds)
-        if run.done.is_set():  # cancelled while waiting
-            return
-        if not granted.is_set() and state.slots.withdraw(run):
+        if not granted.is_set() and state.slots.withdraw(run):  # its time in line is up
             state.runs.discard(run)
             raise too_many_running(state.task)
+        if not granted.is_set():  # a DELETE took it out of the line (maybe just now): never started
+            run.done.wait()
+            return
     start()
 
 
