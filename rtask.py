@@ -4370,6 +4370,11 @@ def wait_in_line(state: TaskState, run: Run, start):
         with run.changed:
             run.changed.wait_for(lambda: granted.is_set() or run.done.is_set(), state.task.queue_timeout_seconds)
         if not granted.is_set() and state.slots.withdraw(run):  # its time in line is up
+            # Ended for a DELETE that found it just now (it answers at once, 409 or as here):
+            # it never started, and is forgotten (no row: 429 is the caller's answer).
+            run.launch = None
+            run.finish("cancelled", -1)
+            run.publish()
             state.runs.discard(run)
             raise too_many_running(state.task)
         if not granted.is_set():  # a DELETE took it out of the line (maybe just now): never started

@@ -9971,6 +9971,54 @@ def test_a_sync_request_waiting_in_line_can_be_cancelled(wk_start, tmp_path, wor
     assert server.request("DELETE", f"/tasks/one/{queued[0]['task_id']}", key=key).status == 409
 
 
+def test_a_delete_racing_the_queue_timeout_of_a_sync_request_never_starts_it(wk_start, tmp_path):
+    """DELETEs sent around the moment sync requests' time in line runs out: whichever wins,
+    no request starts (the slot stays held by the first), each caller gets 429 or the
+    cancelled result, and each DELETE answers at once: "cancelled", 409 or 404. (A DELETE that
+    won used to let the run start anyway, beside the slot holder; one that lost waited 7 s
+    and answered "queued". A run whose time ran out is forgotten: 404 then.)"""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    server, tokens = wk_start(f"""
+        [tasks.line]
+        command = ["sh", "-c", "b=$(cat); touch {_hx_q(str(marks))[1:-1]}/$b; [ $b = hold ] && sleep 8; true"]
+        apiKeyNames = ["ci"]
+        maxConcurrentTasks = 1
+        queueSize = 50
+        queueTimeoutSeconds = 1
+        """)
+    key = tokens["ci"]
+    answers, deletes = {}, {}
+    holder = threading.Thread(target=lambda: server.request("POST", "/tasks/line", "hold", key=key, timeout=30))
+    holder.start()
+    wait_for(lambda: (marks / "hold").exists())
+
+    def call(i):
+        answers[i] = server.request("POST", "/tasks/line", f"q{i}", key=key, timeout=30)
+    callers = [threading.Thread(target=call, args=(i,)) for i in range(24)]
+    for caller in callers:
+        caller.start()
+    queued = wait_for(lambda: len(runs := [r for r in server.get("/tasks/line", key=key).json["runs"]
+                                           if r["status"] == "queued"]) == 24 and runs)
+
+    def delete(run):
+        created = datetime.datetime.fromisoformat(run["created_at"].replace("Z", "+00:00")).timestamp()
+        time.sleep(max(0.0, created + 1.0 + random.uniform(-0.05, 0.05) - time.time()))
+        t0 = time.monotonic()
+        deletes[run["task_id"]] = (server.request("DELETE", f"/tasks/line/{run['task_id']}", key=key), time.monotonic() - t0)
+    deleters = [threading.Thread(target=delete, args=(run,)) for run in queued]
+    for thread in deleters:
+        thread.start()
+    for thread in deleters + callers:
+        thread.join(15)
+    for run_id, (r, seconds) in deletes.items():
+        assert seconds < 2, (run_id, seconds, r.status)
+        assert r.status in (404, 409) or (r.status, r.json["status"]) == (200, "cancelled"), (run_id, r.status, r.body)
+    for i, r in answers.items():
+        assert r.status == 429 or (r.status, r.json["status"]) == (200, "cancelled"), (i, r.status, r.body)
+    assert sorted(p.name for p in marks.iterdir()) == ["hold"]  # no queued request ever ran
+
+
 def test_requests_forwarded_to_another_worker_keep_their_path(wk_start):
     """A task name with '?', '%' and ' ' (names are what Go accepts): every worker answers a
     read of a running run, also when it forwards the request to the worker that runs it."""
