@@ -2816,6 +2816,25 @@ def test_long_poll_times_out_with_the_running_state(_lc):
         _lc_delete(_lc, "lc_sh_async", run_id, key=_lc.ci)
 
 
+def test_long_poll_waits_at_most_60_seconds(start_server):
+    """?wait=S is capped at 60 s: a longer wait on a run still going answers with its running
+    state after a minute (a connection is never held for the caller's number of seconds)."""
+    server, keys = start_server("""
+        [tasks.long]
+        command = ["sleep", "90"]
+        apiKeyNames = ["ci"]
+        async = true
+        executionTimeoutSeconds = 120
+    """)
+    run_id = json.loads(server.post("long", key=keys["ci"]).body)["task_id"]
+    t0 = time.monotonic()
+    r = server.get(f"/tasks/long/{run_id}?wait=600", key=keys["ci"], timeout=90)
+    elapsed = time.monotonic() - t0
+    assert 59.5 <= elapsed <= 64, elapsed
+    assert (r.status, json.loads(r.body)["status"]) == (200, "running"), r
+    assert server.request("DELETE", f"/tasks/long/{run_id}", key=keys["ci"]).status == 200
+
+
 def test_long_poll_with_a_huge_wait_still_answers_when_the_run_ends(_lc):
     run_id = _lc_post_async(_lc, "lc_sh_async", "sleep 1; echo capped")
     t0 = time.monotonic()
@@ -9937,7 +9956,7 @@ def test_a_sync_request_waiting_in_line_can_be_cancelled(wk_start, tmp_path, wor
     worker): it never starts, its caller gets the cancelled result, and the run that held the
     slot is not disturbed. (It used to be doomed as a copy: 7 s, then 200 "queued", and it ran.)"""
     marker = tmp_path / "b-ran"
-    server, tokens = wk_start(f"""
+    server, tokens = wk_start("""
         [tasks.one]
         command = ["sh", "-c", "sleep 1.5; touch \\"$(cat)\\""]
         apiKeyNames = ["ci"]
