@@ -9923,13 +9923,14 @@ def test_sighups_while_a_replacement_worker_starts_reload_it_and_never_kill_it(w
     worker must not die of it (a SIGHUP's default action) before its handlers are in place.
     It did, and a SIGHUP every 50 ms after a worker's death made each replacement die the
     same way until the supervisor gave up (exit 1). A worker starts with those signals
-    blocked; the commands it runs must not inherit that."""
+    blocked; the commands it runs must not inherit that. (grep reads its own mask: a shell
+    reading its own would see dash's, which blocks every signal while it waits for a child.)"""
     server, tokens = wk_start("""
         [tasks.mask]
-        command = ["sh", "-c", "grep SigBlk /proc/$$/status"]
+        command = ["grep", "SigBlk", "/proc/self/status"]
         apiKeyNames = ["ci"]
         [tasks.mask_async]
-        command = ["sh", "-c", "grep SigBlk /proc/$$/status"]
+        command = ["grep", "SigBlk", "/proc/self/status"]
         apiKeyNames = ["ci"]
         async = true
         """)
