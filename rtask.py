@@ -63,6 +63,7 @@ import tempfile
 import threading
 import time
 import tomllib
+import weakref
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote, unquote
 
@@ -2930,7 +2931,9 @@ class Executor:
         self.on_spawn, self.after_events = on_spawn, after_events
         self._reactor = _Loop(selectors.DefaultSelector(), after_events)
         self._children: set[_Child] = set()
-        self._doomed: set[Run] = set()  # cancelled while their process was being spawned
+        # Cancelled while their process was being spawned. Weak: a run that a DELETE found
+        # just as it left the line for good (its queue timeout) never spawns, and goes with it.
+        self._doomed: weakref.WeakSet[Run] = weakref.WeakSet()
         self.running = 0  # processes started and not yet ended (any thread may read it)
         self.pending_kills = 0  # process groups sent SIGTERM whose SIGKILL is still to come
         self._lock = threading.Lock()  # the two sets and the two counts: every loop's thread

@@ -10039,6 +10039,25 @@ def test_a_delete_racing_the_queue_timeout_of_a_sync_request_never_starts_it(wk_
     assert sorted(p.name for p in marks.iterdir()) == ["hold"]  # no queued request ever ran
 
 
+def test_a_cancel_of_a_run_that_never_spawns_keeps_nothing(tmp_path):
+    """A DELETE that finds a sync run just as its time in line runs out (withdrawn by its own
+    timeout, not yet ended) cannot tell it from a run whose process is being spawned, and the
+    executor notes it to stop on arrival. That run never spawns: the note must go with it
+    (it stayed for the life of the worker). The window is microseconds wide over HTTP, so
+    this drives the executor itself, in process."""
+    import gc
+    (tmp_path / "config.toml").write_text('[tasks.t]\ncommand = ["true"]\n')
+    task = rtask.load_config(str(tmp_path / "config.toml"), rtask.Problems()).tasks["t"]
+    executor = rtask.Executor()
+    run = rtask.Run(task, rtask.Caller("ci", "api_key"), "127.0.0.1")
+    assert executor.cancel(run)  # not ended: it may be about to spawn
+    assert list(executor._doomed) == [run]
+    run.finish("cancelled", -1)  # its queue timeout ends it instead, and forgets it
+    del run
+    gc.collect()
+    assert not list(executor._doomed)
+
+
 def test_requests_forwarded_to_another_worker_keep_their_path(wk_start):
     """A task name with '?', '%' and ' ' (names are what Go accepts): every worker answers a
     read of a running run, also when it forwards the request to the worker that runs it."""

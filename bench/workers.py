@@ -7,13 +7,17 @@ Prints, all measured in the same run on the same machine:
 - the Python server ceiling: bench/python_ceiling.py, the least a threaded Python server can
   do for the same request (HTTP, a thread per connection, subprocess.run, JSON; no auth, no
   logs, no store), in 1 and 2 processes: how close rtask is to what Python reaches here;
-- requests/s, p99 and the server's CPU time per request (all its processes: supervisor and
-  workers; not the commands) of `POST /tasks/echo` with an API key at 4, 16 and 64
+- requests/s, p99, the server's CPU time per request (all its processes: supervisor and
+  workers; not the commands) and the whole machine's CPU time per request of `POST /tasks/echo` with an API key at 4, 16 and 64
   connections, for webhook (no auth), rtask --workers 1, 2 and auto, rtask --workers 1 with
   the state store's writes taken out (a copy of rtask.py whose StateStore._write_batch
   returns at once: the durable store's cost, same code otherwise), and the previous design's
   rtask.py (--base REV, a git revision of this repository, default 969341f: one process,
   results in memory, no workers);
+- the capacity of the machine: with every CPU busy, requests/s is CPUs / the machine's CPU
+  time per request, and the part of it outside the server (the command, wrk, the kernel) is
+  about the same for every server: so it prints the server CPU per request that rtask would
+  need to reach webhook's rate, beside what it spends;
 - the ratios the contract asks for: 2 workers / webhook at 4 and 16 connections (req/s, p99)
   and 2 workers / the Python server ceiling in 2 processes,
   the rate at 64 over the rate at 16 connections for 1 and 2 workers, workers 1 / base, and
@@ -90,11 +94,27 @@ def tree_cpu_seconds(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, idle) CPU seconds of the whole machine so far, all CPUs (/proc/stat: busy is
+    user + nice + system + irq + softirq + steal, idle is idle + iowait)."""
+    with open("/proc/stat") as f:
+        ticks = [int(t) for t in f.readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = ticks
+    tck = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq + steal) / tck, (idle + iowait) / tck
+
+
 def measured_load(server, conns, duration, tmp):
-    """One load run; adds ``cpu_ms``: the server's CPU time per answered request."""
-    before = tree_cpu_seconds(server.proc.pid)
+    """One load run; adds ``cpu_ms``, the server's CPU time per answered request, and
+    ``machine_ms``, the whole machine's (server, commands, wrk, kernel) per request, with
+    ``idle``, the share of the machine's CPU time left idle meanwhile."""
+    before, (busy0, idle0) = tree_cpu_seconds(server.proc.pid), machine_cpu_seconds()
     result = load(server, conns, duration, tmp, True)
-    result["cpu_ms"] = (tree_cpu_seconds(server.proc.pid) - before) * 1000 / max(result["requests"], 1)
+    busy1, idle1 = machine_cpu_seconds()
+    requests = max(result["requests"], 1)
+    result["cpu_ms"] = (tree_cpu_seconds(server.proc.pid) - before) * 1000 / requests
+    result["machine_ms"] = (busy1 - busy0) * 1000 / requests
+    result["idle"] = (idle1 - idle0) / max(busy1 - busy0 + idle1 - idle0, 1e-9)
     return result
 
 
@@ -124,6 +144,21 @@ def start_python_ceiling(tmp, processes):
     wait_port(server, time.monotonic() + START_TIMEOUT)
     verify_rtask(server)
     return server
+
+
+def print_capacity(results, cpus):
+    """What the machine allows: with every CPU busy, requests/s = CPUs / machine CPU per
+    request. The part of that outside the server (the command's spawn and exec, wrk, the
+    kernel) is about the same whatever the server, so matching webhook's rate needs the
+    server's own CPU per request to be at most webhook's machine CPU minus rtask's outside."""
+    print("\ncapacity (same run): requests/s ~ CPUs x 1000 / machine ms per request when the machine is busy")
+    for c in (4, 16):
+        hook, two, ceiling = (results[name, c] for name in ("webhook", "rtask workers=2", "Python ceiling, 2 proc"))
+        outside = two["machine_ms"] - two["cpu_ms"]
+        print(f"  c={c:<2}: idle {hook['idle']:.0%} (webhook), {two['idle']:.0%} (workers=2); outside the server "
+              f"{hook['machine_ms'] - hook['cpu_ms']:.3f} ms/request (webhook), {outside:.3f} (workers=2); "
+              f"webhook's rate needs rtask's server CPU <= {hook['machine_ms'] - outside:.3f} ms/request: "
+              f"it is {two['cpu_ms']:.3f}, the Python ceiling's {ceiling['cpu_ms']:.3f}, webhook's {hook['cpu_ms']:.3f}")
 
 
 def main(argv=None):
@@ -176,7 +211,8 @@ def main(argv=None):
                     runs.setdefault((server.name, conns), []).append(r)
                     log(f"round {round_ + 1}: {server.name:28} c={conns:<3} {r['rps']:8.0f} req/s "
                         f"{r['cpu_ms']:6.3f} ms CPU/request")
-        results = {cell: {k: statistics.median(r[k] or 0 for r in rs) for k in ("rps", "p99", "cpu_ms")}
+        results = {cell: {k: statistics.median(r[k] or 0 for r in rs)
+                          for k in ("rps", "p99", "cpu_ms", "machine_ms", "idle")}
                    for cell, rs in runs.items()}
     finally:
         for server in servers:
@@ -186,13 +222,16 @@ def main(argv=None):
     print(f"\nPython spawn ceiling (/bin/echo hi): 16 threads {threads16:,.0f}/s, "
           f"16 processes {procs16:,.0f}/s ({cpus} CPUs)")
     print(f"medians of {args.rounds} round(s) of {args.duration:g} s; CPU: the server's own processes, "
+          "ms per request; machine: all CPU time of the machine (server, commands, wrk, kernel), "
           "ms per request")
-    print(f"\n{'server':28} " + " ".join(f"{'c=' + str(c) + ' req/s':>12} {'p99 ms':>8} {'CPU':>6}"
+    print(f"\n{'server':28} " + " ".join(f"{'c=' + str(c) + ' req/s':>12} {'p99 ms':>8} {'CPU':>6} {'machine':>7}"
                                           for c in CONNECTIONS))
     for server in servers:
         cells = " ".join(f"{results[server.name, c]['rps']:12.0f} {results[server.name, c]['p99']:8.2f} "
-                         f"{results[server.name, c]['cpu_ms']:6.3f}" for c in CONNECTIONS)
+                         f"{results[server.name, c]['cpu_ms']:6.3f} {results[server.name, c]['machine_ms']:7.3f}"
+                         for c in CONNECTIONS)
         print(f"{server.name:28} {cells}")
+    print_capacity(results, cpus)
 
     def rps(name, c):
         return results[name, c]["rps"]
