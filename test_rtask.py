@@ -2213,10 +2213,13 @@ def test_command_not_reading_stdin_completes_with_a_large_body(_hx_shared):
 def test_many_sync_runs_at_once_each_get_their_own_result(start_server):
     """The first few sync runs of a worker are watched by their request threads, the rest (8
     and more running) by the reactor: every caller gets its own run's output either way, and
-    a cancel reaches a run on either side."""
+    a cancel reaches a run on either side. (Each echoes first, and the two long ones are
+    cancelled once the others have answered: under load, a cancel sent as soon as two runs
+    were listed running could come before a run had echoed, or while the others were still
+    being spawned.)"""
     server, keys = start_server("""
         [tasks.own]
-        command = ["sh", "-c", "sleep 0.5; echo \\"$RTASK_TASK_ID\\"; sleep \\"$(cat)\\""]
+        command = ["sh", "-c", "echo \\"$RTASK_TASK_ID\\"; sleep 0.5; sleep \\"$(cat)\\""]
         apiKeyNames = ["ci"]
     """)
     key = keys["ci"]
@@ -2229,6 +2232,8 @@ def test_many_sync_runs_at_once_each_get_their_own_result(start_server):
         thread.start()
         if i in (0, 15):
             time.sleep(0.2)  # run 0 starts first (its own thread), run 15 last (the reactor)
+    for thread in threads[1:15]:
+        thread.join(20)
     running = wait_for(lambda: len(runs := [r for r in json.loads(server.get("/tasks/own", key=key).body)["runs"]
                                             if r["status"] == "running"]) == 2 and runs, timeout=15)
     for run in running:
