@@ -11,6 +11,7 @@ import base64
 import concurrent.futures
 import datetime
 import fcntl
+import gc
 import hashlib
 import hmac
 import http.client
@@ -10050,7 +10051,6 @@ def test_a_cancel_of_a_run_that_never_spawns_keeps_nothing(tmp_path):
     executor notes it to stop on arrival. That run never spawns: the note must go with it
     (it stayed for the life of the worker). The window is microseconds wide over HTTP, so
     this drives the executor itself, in process."""
-    import gc
     (tmp_path / "config.toml").write_text('[tasks.t]\ncommand = ["true"]\n')
     task = rtask.load_config(str(tmp_path / "config.toml"), rtask.Problems()).tasks["t"]
     executor = rtask.Executor()
