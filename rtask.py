@@ -2739,10 +2739,11 @@ class Run:
     def shown_status(self) -> str:
         """The status callers see. ``finish`` records the outcome before ``publish`` wakes
         the waiters; in between, readers still see the run going, so that no answer shows
-        an ended run without its output and end time."""
+        an ended run without its output and end time. (A run going in another process is
+        "running" once it holds a slot: StateStore._as_run.)"""
         if self.done.is_set():
             return self.status
-        return "queued" if self.started_at is None else "running"
+        return "running" if self.started_at is not None or self.status == "running" else "queued"
 
     def summary(self) -> dict:
         """One line of GET /tasks/<name>: no output."""
@@ -3522,10 +3523,15 @@ class StateStore:
     @staticmethod
     def _as_run(task: TaskSpec, row: dict) -> Run:
         """A Run object for a row, so that every handler reads stored and live runs alike. A row
-        still going (another process's run) stays unpublished: it shows as queued or running."""
+        still going (another process's run) stays unpublished: it shows as queued while it
+        waits in line, else as running, as soon as it holds a slot (row status starting or
+        granted, as /health/detailed counts it): its process and start time are recorded up
+        to RECORD_SPAWN_AFTER later, and until then its started_at is null."""
         run = Run(task, Caller(row["caller"], "stored"), row["client"])
         run.id, run.created_at, run.started_at = row["id"], row["created_at"], row["started_at"]
         run.status, run.exit_code, run.duration = row["status"], row["exit_code"], row["duration"]
+        if row["expires_at"] is None and run.status in ConcurrencyLimit.HOLDING:
+            run.status = "running"
         run.pgid, run.proc_start, run.owner = row["pgid"], row["proc_start"], row["owner"]
         for name in ("stdout", "stderr"):
             getattr(run, name).data[:] = row.get(name) or b""

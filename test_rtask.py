@@ -10063,6 +10063,33 @@ def test_a_cancel_of_a_run_that_never_spawns_keeps_nothing(tmp_path):
     assert not list(executor._doomed)
 
 
+def test_a_run_holding_a_slot_is_listed_running_by_every_worker(tmp_path):
+    """Another worker reads a run from its row. A run that took a slot (row "starting", or
+    "granted" from the line) is running from then on, though its worker records its process
+    only RECORD_SPAWN_AFTER later: it used to be listed "queued" there meanwhile, so a caller
+    who DELETEd "the queued run" cancelled the running one (seen in CI). Two stores on one
+    directory are two workers' views; the slot is taken by the real limiter."""
+    (tmp_path / "config.toml").write_text('[tasks.t]\ncommand = ["true"]\nmaxConcurrentTasks = 1\nqueueSize = 1\n')
+    task = rtask.load_config(str(tmp_path / "config.toml"), rtask.Problems()).tasks["t"]
+    mine, other = rtask.StateStore(str(tmp_path / "state")), rtask.StateStore(str(tmp_path / "state"))
+    slots = rtask.ConcurrencyLimit("t", 1, 1, mine)
+    first, second = (rtask.Run(task, rtask.Caller("ci", "api_key"), "127.0.0.1") for _ in range(2))
+    granted = threading.Event()
+    assert slots.admit(first, None) == "now"
+    assert slots.admit(second, granted.set) == "queued"
+
+    def seen_by_the_other():
+        return {r.id: r.summary()["status"] for r in rtask.RunStore(60, other).newest_first(task)}
+    assert seen_by_the_other() == {first.id: "running", second.id: "queued"}
+    first.mark_started()
+    first.finish("success", 0)
+    mine.finish(first, 60, lambda: None)
+    mine.write_pending()
+    slots.release()
+    assert granted.is_set()
+    assert seen_by_the_other() == {first.id: "success", second.id: "running"}
+
+
 def test_requests_forwarded_to_another_worker_keep_their_path(wk_start):
     """A task name with '?', '%' and ' ' (names are what Go accepts): every worker answers a
     read of a running run, also when it forwards the request to the worker that runs it."""
