@@ -6,7 +6,9 @@ Prints, all measured in the same run on the same machine:
   limit that workers exist to pass;
 - the Python server ceiling: bench/python_ceiling.py, the least a threaded Python server can
   do for the same request (HTTP, a thread per connection, subprocess.run, JSON; no auth, no
-  logs, no store), in 1 and 2 processes: how close rtask is to what Python reaches here;
+  logs, no store), in 1 and 2 processes: how close rtask is to what Python reaches here; and
+  the same in 2 processes with an asyncio event loop each instead of threads: the most a
+  rewrite of rtask's request path around an event loop could reach;
 - requests/s, p99, the server's CPU time per request (all its processes: supervisor and
   workers; not the commands) and the whole machine's CPU time per request of `POST /tasks/echo` with an API key at 4, 16 and 64
   connections, for webhook (no auth), rtask --workers 1, 2 and auto, rtask --workers 1 with
@@ -132,14 +134,14 @@ def start(rtask, tmp, key, name, run_args):
     return server
 
 
-def start_python_ceiling(tmp, processes):
-    """bench/python_ceiling.py in ``processes`` processes, answering."""
+def start_python_ceiling(tmp, processes, model="threads"):
+    """bench/python_ceiling.py in ``processes`` processes (``model``: threads or asyncio), answering."""
     port = free_port()
-    name = f"Python ceiling, {processes} proc"
-    log_path = os.path.join(tmp, f"python-ceiling-{processes}.log")
+    name = f"Python ceiling, {processes} proc" if model == "threads" else f"Python ceiling {model}, {processes} proc"
+    log_path = os.path.join(tmp, f"python-ceiling-{model}-{processes}.log")
     with open(log_path, "wb") as logf:
-        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "python_ceiling.py"), str(port), str(processes)],
-                                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, cwd=tmp)
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "python_ceiling.py"), str(port), str(processes),
+                                 model], stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, cwd=tmp)
     server = Server(name, proc, port, f"/tasks/{TASK}", {}, log_path)
     wait_port(server, time.monotonic() + START_TIMEOUT)
     verify_rtask(server)
@@ -153,12 +155,14 @@ def print_capacity(results, cpus):
     server's own CPU per request to be at most webhook's machine CPU minus rtask's outside."""
     print("\ncapacity (same run): requests/s ~ CPUs x 1000 / machine ms per request when the machine is busy")
     for c in (4, 16):
-        hook, two, ceiling = (results[name, c] for name in ("webhook", "rtask workers=2", "Python ceiling, 2 proc"))
+        hook, two, ceiling, loop = (results[name, c] for name in (
+            "webhook", "rtask workers=2", "Python ceiling, 2 proc", "Python ceiling asyncio, 2 proc"))
         outside = two["machine_ms"] - two["cpu_ms"]
         print(f"  c={c:<2}: idle {hook['idle']:.0%} (webhook), {two['idle']:.0%} (workers=2); outside the server "
               f"{hook['machine_ms'] - hook['cpu_ms']:.3f} ms/request (webhook), {outside:.3f} (workers=2); "
               f"webhook's rate needs rtask's server CPU <= {hook['machine_ms'] - outside:.3f} ms/request: "
-              f"it is {two['cpu_ms']:.3f}, the Python ceiling's {ceiling['cpu_ms']:.3f}, webhook's {hook['cpu_ms']:.3f}")
+              f"it is {two['cpu_ms']:.3f}, the Python ceiling's {ceiling['cpu_ms']:.3f} (threads), "
+              f"{loop['cpu_ms']:.3f} (asyncio), webhook's {hook['cpu_ms']:.3f}")
 
 
 def main(argv=None):
@@ -189,7 +193,8 @@ def main(argv=None):
         webhook = start_webhook(tmp, f"Bearer {key}")
         verify_webhook(webhook)
         servers.append(webhook)
-        servers += [start_python_ceiling(tmp, 1), start_python_ceiling(tmp, 2)]
+        servers += [start_python_ceiling(tmp, 1), start_python_ceiling(tmp, 2),
+                    start_python_ceiling(tmp, 2, "asyncio")]
         configs = [("rtask workers=1", args.rtask, ["--workers", "1", "--state-dir", os.path.join(tmp, "s1")]),
                    ("rtask workers=2", args.rtask, ["--workers", "2", "--state-dir", os.path.join(tmp, "s2")]),
                    (f"rtask workers=auto ({cpus})", args.rtask,
@@ -243,7 +248,8 @@ def main(argv=None):
               " (goal <= 1.0)")
         print(f"  workers=2 / Python ceiling in 2 processes at {c:>2} connections: req/s "
               f"{rps('rtask workers=2', c) / rps('Python ceiling, 2 proc', c):.2f}x, Python ceiling / webhook "
-              f"{rps('Python ceiling, 2 proc', c) / rps('webhook', c):.2f}x")
+              f"{rps('Python ceiling, 2 proc', c) / rps('webhook', c):.2f}x, its asyncio model / webhook "
+              f"{rps('Python ceiling asyncio, 2 proc', c) / rps('webhook', c):.2f}x")
     for name in ("rtask workers=1", "rtask workers=2"):
         print(f"  {name}: rate at 64 / rate at 16 connections: {rps(name, 64) / rps(name, 16):.2f} (goal >= 0.95)")
     for c in CONNECTIONS:
