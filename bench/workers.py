@@ -28,7 +28,7 @@ Prints, all measured in the same run on the same machine:
 Every cell is the median of --rounds runs (default 3), the servers taking turns, so that a
 busy moment of a shared machine hits everyone alike.
 
-    python3 bench/workers.py              # 8 s per load run, 3 rounds (~13 min)
+    python3 bench/workers.py              # 8 s per load run, 3 rounds (~15 min)
     python3 bench/workers.py --quick      # 2 s runs, 1 round: a smoke check of the script
 
 Needs wrk and webhook (`apt-get install -y webhook wrk`); see bench/README.md.
