@@ -26,6 +26,7 @@ import secrets
 import selectors
 import signal
 import socket
+import sqlite3
 import ssl
 import stat
 import statistics
@@ -9453,6 +9454,33 @@ def test_results_and_listing_survive_a_restart(wk_start, tmp_path):
     assert server.get(f"/tasks/echo/{first['task_id']}/events", key=key,
                       headers={"Accept": "text/event-stream"}).body.count(b"event: result") == 1
     assert stat.S_IMODE((tmp_path / "rtask-state").stat().st_mode) == 0o700
+
+
+def test_an_internal_error_answers_500_without_a_traceback_and_the_server_goes_on(wk_start, tmp_path):
+    """The contract's 500 ``internal``: a fault of the server's own (here its state store's
+    table dropped from outside, as a mistaken operator or a damaged disk might) answers
+    {"error": "internal", "message": ...} and never a traceback, which goes to the log; the
+    server goes on answering (and running tasks: a run's result does not need the store)."""
+    state = tmp_path / "st"
+    server, tokens = wk_start("""
+        [tasks.t]
+        command = ["echo", "hi"]
+        apiKeyNames = ["ci"]
+        """, run_args=("--state-dir", str(state)))
+    key = tokens["ci"]
+    assert server.post("t", key=key).status == 200
+    db = sqlite3.connect(state / "state.db")
+    db.execute("DROP TABLE runs")
+    db.commit()
+    db.close()
+    for path in ("/tasks/t", "/health/detailed"):
+        r = server.get(path, key=key)
+        assert (r.status, r.json) == (500, {"error": "internal", "message": "Internal server error."}), r
+    assert re.search(r'error "internal error" method=GET error="Traceback', server.log()), server.log()
+    assert server.get("/health").status == 200
+    ran = server.post("t", key=key)
+    assert (ran.status, ran.json["stdout"]) == (200, "hi\n"), ran
+    assert server.stop() == 0
 
 
 def test_a_second_server_on_the_same_state_dir_is_refused(wk_start, tmp_path):
