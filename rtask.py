@@ -1683,21 +1683,33 @@ class ConcurrencyLimit:
         self.store.grants.start(granted)  # (after the commit: a rolled-back grant is no grant)
         return admission
 
-    def withdraw(self, run: Run) -> bool:
+    def withdraw(self, run: Run, forget: bool = False) -> bool:
         """Leave the line; False if the slot was already granted (then ``on_grant`` has been
-        called, here if no one had yet)."""
+        called, here if no one had yet). The row stays, as ``withdrawn`` (neither in line nor
+        holding a slot), until the run's end replaces it, so that every worker finds the run
+        meanwhile (deleted and written again, it was unknown to the others for a moment: 404);
+        with ``forget`` the row goes (a request refused with 429 leaves no run)."""
+        change = "DELETE FROM runs" if forget else "UPDATE runs SET status = 'withdrawn'"
         with self.store.transaction() as db:
-            left = db.execute("DELETE FROM runs WHERE id = ? AND status = 'queued'", (run.id,)).rowcount
+            left = db.execute(f"{change} WHERE id = ? AND status = 'queued'", (run.id,)).rowcount
         on_grant = self.store.grants.forget(run.id)
         if not left and on_grant:
             on_grant()
         return bool(left)
 
-    def release(self):
-        """A run of this task has ended (its row says so): hand free slots to the line. (A
-        lifted limit granted the whole line at once: set_limits.)"""
-        if self.limit:
-            self.promote()
+    def release(self, then):
+        """A run of this task has ended (its row says so): hand free slots to the line, call
+        ``then()`` (whatever happens), and only then start this process's grantees, so that
+        no answer shows the ended run still going beside its successor. (A lifted limit
+        granted the whole line at once: set_limits.)"""
+        granted = []
+        try:
+            if self.limit:
+                with self.store.transaction() as db:
+                    granted = promote_queued(db, self.task_name, self.limit)
+        finally:
+            then()
+        self.store.grants.start(granted)
 
     def promote(self):
         """Grant free slots to the first in line, in every process (the others' pollers start
@@ -1771,6 +1783,15 @@ class Grants:
             if on_grant:
                 on_grant()
 
+    def check(self, ids=None):
+        """Start the runs waiting here (or those of ``ids``) that another process has granted
+        a slot since. Raises sqlite3.Error (a busy database)."""
+        with self._lock:
+            ids = [i for i in (ids if ids is not None else self._waiting) if i in self._waiting]
+        if ids:
+            self.start(self.store.query_all(
+                f"SELECT id, owner FROM runs WHERE status = 'granted' AND id IN ({', '.join('?' * len(ids))})", ids))
+
     def _poll(self):
         while True:
             time.sleep(ConcurrencyLimit.GRANT_POLL_SECONDS)
@@ -1778,16 +1799,10 @@ class Grants:
                 if not self._waiting:
                     self._polling = False
                     return
-                ids = list(self._waiting)
             try:
-                granted = self.store.query_all(
-                    f"SELECT id, owner FROM runs WHERE status = 'granted' AND id IN ({', '.join('?' * len(ids))})",
-                    ids)
+                self.check()
             except sqlite3.Error as e:  # a busy database: try again on the next round
                 log.warning("cannot read granted slots", extra={"fields": {"problem": str(e)}})
-                continue
-            try:
-                self.start(granted)
             except Exception:  # a bug in one start must not stop the runs waiting behind it
                 log.exception("internal error while starting a granted run")
 
@@ -3313,8 +3328,26 @@ class StateStore:
             raise ConfigError(f"the state directory {directory} is in use by another rtask server; "
                               "stop it or give this one its own --state-dir") from None
         store._lock_fd = fd
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(store._draining_path)  # (left by a server that was stopped while draining)
         store.recover_crashed(None, CRASH_REASON)
         return store
+
+    # -- the server's drain ------------------------------------------------------------------
+
+    @property
+    def _draining_path(self) -> str:
+        return os.path.join(self.directory, "draining")
+
+    def mark_draining(self):
+        """(The supervisor, on SIGTERM, before it passes the signal on.) Every worker sees the
+        drain at once, also one that has not handled its own SIGTERM yet: a slot it is granted
+        then must not start an async run that waited in line (App.start_from_line)."""
+        with contextlib.suppress(OSError):
+            os.close(os.open(self._draining_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+
+    def server_draining(self) -> bool:
+        return os.path.exists(self._draining_path)
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -3602,6 +3635,17 @@ def process_start_time(pid: int) -> int | None:
     return int(text[text.rindex(b")") + 2:].split()[19])
 
 
+def process_alive(pid: int) -> bool:
+    """Is ``pid`` a process that has not exited? (A dead worker stays a zombie until the
+    supervisor reaps it; field 3 of /proc/<pid>/stat is then Z.)"""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            text = f.read()
+    except OSError:
+        return False
+    return text[text.rindex(b")") + 2:][:1] not in (b"Z", b"X", b"")
+
+
 def _same_process_group(pgid: int, proc_start: int | None) -> bool:
     """Is group ``pgid`` still the one a run started? Its leader (pid == pgid) must have the
     recorded start time. If the leader is gone, the id cannot have been reused: Linux never
@@ -3630,6 +3674,9 @@ def _group_exists(pgid: int) -> bool:
         return True
     except (ProcessLookupError, PermissionError):
         return False
+
+
+_PROGRESS = {"queued": 0, "running": 1}  # how far along a shown status is (any other: ended, 2)
 
 
 class RunStore:
@@ -3663,6 +3710,8 @@ class RunStore:
     def get(self, task: TaskSpec, run_id: str) -> Run | None:
         with self._lock:
             run = self._live.get(run_id)
+        if run and run.launch is not None:
+            self._learn_grant(run)
         return run or self.store.load(task, run_id)
 
     def live(self) -> list[Run]:
@@ -3672,12 +3721,32 @@ class RunStore:
     def finished_count(self, task_name: str) -> int:
         return self.store.ended_count(task_name)
 
-    def newest_first(self, task: TaskSpec) -> list[Run]:
+    def listing(self, task: TaskSpec) -> list[dict]:
+        """Every kept run's summary, newest first: this process's live runs as they are now,
+        then the stored rows as they are a moment later. Of a run that is both, the one
+        further along is shown (a row may already hold a slot granted by another process, or
+        the committed end of a run whose waiters are not woken yet), so that one listing never
+        shows more runs running than may run, nor more queued than may wait. A run still
+        asking for a place in line (which may be refused: 429) is not listed yet."""
         with self._lock:
-            live = dict(self._live)
-        runs = {run.id: live.get(run.id, run) for run in self.store.newest_first(task)}
-        runs.update(live)
-        return sorted(runs.values(), key=lambda r: r.created_at, reverse=True)
+            live = [run for run in self._live.values() if run.launch is None or run.recorded.is_set()]
+        lines = {run.id: (run.created_at, run.summary()) for run in live}  # (before the rows are read)
+        for stored in self.store.newest_first(task):
+            line = stored.summary()
+            mine = lines.get(stored.id)
+            if mine is None or _PROGRESS.get(line["status"], 2) > _PROGRESS.get(mine[1]["status"], 2):
+                lines[stored.id] = (stored.created_at, line)
+        return [line for _, line in sorted(lines.values(), key=lambda entry: entry[0], reverse=True)]
+
+    def _learn_grant(self, run: Run):
+        """Before an answer about a run of this process waiting in line: another process may
+        have granted it a slot since this one's poller last looked (every
+        GRANT_POLL_SECONDS), and every listing already shows it running. Starting it now
+        keeps a later answer from showing it queued again."""
+        try:
+            self.store.grants.check([run.id])
+        except sqlite3.Error as e:  # the poller tries again
+            log.warning("cannot read granted slots", extra={"fields": {"problem": str(e)}})
 
 
 # =============================================================================================
@@ -3796,6 +3865,18 @@ class App:
             self.store.save(run)
             self.store.write_pending()
 
+    def start_from_line(self, state: TaskState, run: Run, start):
+        """A slot was granted to an async run waiting in line: ``start()`` it, unless the
+        server is draining (this worker, or any: StateStore.mark_draining): then it never
+        starts (README, Signals) but ends cancelled, and the slot goes to the next in line."""
+        if not (self.draining or self.store.server_draining()):
+            start()
+            return
+        run.launch = None
+        run.finish("cancelled", -1)
+        self._run_ended(state, run)
+        self.store.write_pending()
+
     def _record_spawn(self, run: Run):
         """(The loop watching a run still going RECORD_SPAWN_AFTER seconds after its spawn.)"""
         if not run.task.is_async:  # (an async one was recorded by launch)
@@ -3812,12 +3893,7 @@ class App:
         return True
 
     def _run_ended(self, state: TaskState, run: Run):
-        def recorded():
-            try:
-                state.slots.release()  # may start the next run in line
-            finally:
-                run.publish()
-        self._record_end(state, run, recorded)
+        self._record_end(state, run, lambda: state.slots.release(then=run.publish))  # (may start the next in line)
 
     def _record_end(self, state: TaskState, run: Run, then):
         """Observe and log the run's end and record it; ``then()`` is called once it is
@@ -4326,7 +4402,7 @@ def execute(h: RequestHandler, state: TaskState, caller: Caller, body: bytes | N
     log_parameter_values(run, task, resolved)
     streamed = "text/event-stream" in (h.headers.get("accept") or "")
     here = not (task.is_async or streamed)  # this thread only waits for the end: it watches the run
-    start_when_admitted(state, run, lambda: h.app.launch(state, run, body, env, here))
+    start_when_admitted(h.app, state, run, lambda: h.app.launch(state, run, body, env, here))
     if run.short_of_resources:
         # Answered once its slot is given back (the reactor ends the run at once). A run
         # started later from the line has no caller waiting: its result says why it did not start.
@@ -4344,13 +4420,13 @@ def execute(h: RequestHandler, state: TaskState, caller: Caller, body: bytes | N
         h.send_json(200, run.to_json())
 
 
-def start_when_admitted(state: TaskState, run: Run, start):
+def start_when_admitted(app: App, state: TaskState, run: Run, start):
     """Start now if a slot is free; else an async run waits in line (answered ``queued``)
     and a sync request waits for its turn. Refused (429) when the line is full."""
     if run.task.is_async:
         run.launch = start
         state.runs.add(run)  # before it can be granted, so that its end finds it stored
-        admission = state.slots.admit(run, start)
+        admission = state.slots.admit(run, lambda: app.start_from_line(state, run, start))
         if admission == "full":
             state.runs.discard(run)
             raise too_many_running(run.task)
@@ -4369,6 +4445,7 @@ def wait_in_line(state: TaskState, run: Run, start):
     def grant():
         granted.set()
         with run.changed:
+            run.status = "running"  # it holds a slot: listed running before its thread starts it
             run.changed.notify_all()
     admission = state.slots.admit(run, grant)
     if admission == "full":
@@ -4378,7 +4455,7 @@ def wait_in_line(state: TaskState, run: Run, start):
         run.launch = start  # what marks a run waiting in line
         with run.changed:
             run.changed.wait_for(lambda: granted.is_set() or run.done.is_set(), state.task.queue_timeout_seconds)
-        if not granted.is_set() and state.slots.withdraw(run):  # its time in line is up
+        if not granted.is_set() and state.slots.withdraw(run, forget=True):  # its time in line is up
             # Ended for a DELETE that found it just now (it answers at once, 409 or as here):
             # it never started, and is forgotten (no row: 429 is the caller's answer).
             run.launch = None
@@ -4402,8 +4479,8 @@ def get_result(h: RequestHandler, name: str, run_id: str):
     ends or after S seconds (at most 60) with the running state."""
     state = task_state(h, name)
     authorize(h, f"tasks:read:{name}")
-    run = find_run(state, run_id)
-    if forwarded_to_owner(h, run):
+    run = answered_by_owner(h, state, find_run(state, run_id))
+    if run is None:
         return
     wait = h.query.get("wait")
     if wait:
@@ -4422,8 +4499,8 @@ def get_events(h: RequestHandler, name: str, run_id: str):
     """GET /tasks/<name>/<id>/events: the run's output as Server-Sent Events."""
     state = task_state(h, name)
     authorize(h, f"tasks:read:{name}")
-    run = find_run(state, run_id)
-    if not forwarded_to_owner(h, run):
+    run = answered_by_owner(h, state, find_run(state, run_id))
+    if run is not None:
         stream_events(h, run)
 
 
@@ -4432,8 +4509,8 @@ def delete_run(h: RequestHandler, name: str, run_id: str):
     grace), answer with the final result; 409 when the run had already ended."""
     state = task_state(h, name)
     authorize(h, f"tasks:cancel:{name}")
-    run = find_run(state, run_id)
-    if forwarded_to_owner(h, run):
+    run = answered_by_owner(h, state, find_run(state, run_id))
+    if run is None:
         return
     if not (h.app.cancel_queued(state, run) or h.app.executor.cancel(run)):
         raise Reject(409, "conflict", "The run has already ended.")
@@ -4465,7 +4542,7 @@ def list_runs(h: RequestHandler, name: str):
     """GET /tasks/<name>: the task's kept runs, newest first."""
     state = task_state(h, name)
     authorize(h, f"tasks:list:{name}")
-    h.send_json(200, {"task": name, "runs": [run.summary() for run in state.runs.newest_first(state.task)]})
+    h.send_json(200, {"task": name, "runs": state.runs.listing(state.task)})
 
 
 def get_health(h: RequestHandler):
@@ -5032,6 +5109,7 @@ class Supervisor:
     def _stop(self) -> int:
         """SIGTERM every worker and wait until all have drained and exited."""
         log.info("shutting down: the workers finish their running tasks")
+        self.store.mark_draining()
         self.listener.close()  # the workers' copies close as each one starts draining
         for proc, _ in self.workers.values():
             proc.send_signal(signal.SIGTERM)
@@ -5087,6 +5165,10 @@ FORWARDED_CLIENT_HEADER = "X-Rtask-Client"
 FORWARDED_CALLER_HEADER = "X-Rtask-Caller"
 _FORWARDING_HEADERS = {FORWARDED_CLIENT_HEADER.lower(), FORWARDED_CALLER_HEADER.lower()}
 FORWARD_TIMEOUT = MAX_LONG_POLL_SECONDS + SSE_HEARTBEAT_SECONDS + 15  # silence from the owner's answer
+OWNER_GONE_WAIT = KILL_GRACE_SECONDS + 8  # seconds to wait for the end of a dead worker's run to be recorded
+OWNER_GONE_POLL = 0.05
+OWNER_EXIT_WAIT = 1.0  # seconds a worker that closed a relayed answer early has to be seen exited
+_RESULT_EVENT = b"\nevent: result\n"  # (data lines are JSON strings: no newline within)
 
 
 def owner_unreachable() -> Reject:
@@ -5098,14 +5180,52 @@ def worker_socket_path(state_dir: str, pid: int) -> str:
     return os.path.join(state_dir, "workers", f"{pid}.sock")
 
 
-def forwarded_to_owner(h: RequestHandler, run: Run) -> bool:
-    """Answer a request about a run that is live in another worker by that worker: the
-    request (line, headers, ``Connection: close``, no body) goes to its Unix socket and the
-    answer's bytes come back as they arrive (so an event stream stays live). False when the
-    run is this worker's, has ended (the store answers), or its owner is gone (the store
-    answers from the run's row until the supervisor records its end)."""
+def answered_by_owner(h: RequestHandler, state: TaskState, run: Run) -> Run | None:
+    """A request about a run that is live in another worker is answered by that worker (see
+    _relay_to_owner): None then. Else the run to answer here: this worker's own, an ended
+    one, or, when its owner has died before answering, the run's end as the supervisor
+    records it (it first stops the run's process group: up to KILL_GRACE_SECONDS), so that
+    a long-poll, an event stream or a read of a dead worker's run still gets its result."""
     if run.done.is_set() or run.owner == os.getpid() or getattr(h, "forwarded", False):
-        return False
+        return run
+    relayed = _relay_to_owner(h, run)
+    if relayed.complete:
+        return None
+    ended = _recorded_end(state, run)
+    if relayed.stream_started:  # the owner died mid-stream: the stream gets its result here
+        if ended:
+            h.wfile.write(f"event: result\ndata: {json.dumps(ended.to_json())}\n\n".encode())
+        return None
+    if ended is None:
+        raise owner_unreachable()
+    return ended
+
+
+def _recorded_end(state: TaskState, run: Run) -> Run | None:
+    """The ended run as stored, once the supervisor has recorded the end of its dead owner's
+    runs; None if its owner is alive (its connection line was full) or that takes too long."""
+    if not _owner_died(run):
+        return None
+    deadline = time.monotonic() + OWNER_GONE_WAIT
+    while time.monotonic() < deadline:
+        stored = state.runs.store.load(run.task, run.id)
+        if stored is None or stored.done.is_set():
+            return stored
+        time.sleep(OWNER_GONE_POLL)
+    return None
+
+
+@dataclasses.dataclass
+class _Relayed:
+    complete: bool  # the owner's whole answer reached the client (or the client left)
+    stream_started: bool = False  # an event stream was relayed, but not its result event
+
+
+def _relay_to_owner(h: RequestHandler, run: Run) -> _Relayed:
+    """Pass the request (line, headers, ``Connection: close``, no body) to the owner's Unix
+    socket and its answer's bytes back as they arrive (so an event stream stays live). Not
+    complete when the owner cannot be reached or its answer ends early: it died. An answer
+    ends with the owner closing the connection; an event stream's last event is ``result``."""
     try:
         upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     except OSError:  # out of descriptors
@@ -5113,27 +5233,58 @@ def forwarded_to_owner(h: RequestHandler, run: Run) -> bool:
     upstream.settimeout(FORWARD_TIMEOUT)
     try:
         upstream.connect(worker_socket_path(h.app.store.directory, run.owner))
-    except OSError:
-        # It died (the supervisor records its runs' end in a moment) or its line is full:
-        # the stored row is a snapshot that no longer changes, so nothing is answered from it.
+    except OSError:  # it died (the supervisor records its runs' end in a moment) or its line is full
         upstream.close()
-        raise owner_unreachable() from None
+        return _Relayed(complete=False)
     with upstream:
         h.discard_body()
         h.close_connection = True
         caller = {"name": h.caller.name, "kind": h.caller.kind, "grants": sorted(h.caller.grants)}
-        head = [f"{h.command} {h.target} HTTP/1.1", f"{FORWARDED_CLIENT_HEADER}: {h.client()}",
-                f"{FORWARDED_CALLER_HEADER}: {json.dumps(caller)}"]  # JSON escapes all but ASCII
-        head += [f"{name}: {value}" for name, values in h.headers.items()
-                 if name not in ("connection", "content-length", "transfer-encoding", *_FORWARDING_HEADERS)
-                 for value in values]
+        head_lines = [f"{h.command} {h.target} HTTP/1.1", f"{FORWARDED_CLIENT_HEADER}: {h.client()}",
+                      f"{FORWARDED_CALLER_HEADER}: {json.dumps(caller)}"]  # JSON escapes all but ASCII
+        head_lines += [f"{name}: {value}" for name, values in h.headers.items()
+                       if name not in ("connection", "content-length", "transfer-encoding", *_FORWARDING_HEADERS)
+                       for value in values]
         try:
             # Header values are the client's bytes (read as UTF-8 with surrogateescape): sent back as they came.
-            upstream.sendall(("\r\n".join(head) + "\r\nConnection: close\r\n\r\n").encode("utf-8", "surrogateescape"))
-            while chunk := upstream.recv(READ_CHUNK):
+            upstream.sendall(("\r\n".join(head_lines) + "\r\nConnection: close\r\n\r\n").encode("utf-8", "surrogateescape"))
+        except OSError:  # it died just now (else it is unreachable: 503)
+            return _Relayed(complete=False)
+        head, tail, result_seen = b"", b"", False
+        while True:
+            try:
+                chunk = upstream.recv(READ_CHUNK)
+            except TimeoutError:  # the owner fell silent: the connection ends
+                log.debug("forwarded answer cut off", extra={"fields": {"owner": run.owner, "problem": "timeout"}})
+                return _Relayed(complete=True)
+            except OSError:  # (reset: it died mid-answer)
+                chunk = b""
+            if not chunk:
+                break
+            try:
                 h.wfile.write(chunk)
-        except OSError as e:  # the owner died mid-answer, or the client left: the connection ends
-            log.debug("forwarded answer cut off", extra={"fields": {"owner": run.owner, "problem": str(e)}})
+            except OSError:  # the client left
+                return _Relayed(complete=True)
+            head += chunk[:1024 - len(head)]  # the status line and headers
+            window = tail + chunk  # (a marker split between two reads is still found)
+            result_seen = result_seen or _RESULT_EVENT in window
+            tail = window[-len(_RESULT_EVENT):]
+    # Closed. An answer with a head is whole (the owner closes after it), but for an event
+    # stream without its result: then, and with nothing at all, the owner may have died.
+    stream_cut = b"text/event-stream" in head and not result_seen
+    if (head and not stream_cut) or not _owner_died(run):
+        return _Relayed(complete=True)
+    return _Relayed(complete=False, stream_started=stream_cut)
+
+
+def _owner_died(run: Run) -> bool:
+    """Has the run's owner exited? Its sockets close before it becomes a zombie, so a
+    connection closed by a dying worker may come just before: allow it a moment."""
+    deadline = time.monotonic() + OWNER_EXIT_WAIT
+    while process_alive(run.owner):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
     return True
 
 
@@ -5640,13 +5791,13 @@ def drain(server: Server, app: App):
     waiting for a slot, let running executions finish within their timeouts and answer them.
     Whatever still runs at the deadline is stopped, so that no process outlives the server."""
     log.info("shutting down: finishing running tasks")
-    app.draining = True
-    server.shutdown()
-    server.server_close()
+    app.draining = True  # from now on a slot granted to an async run in line does not start it
     for state in app.tasks.values():
         for run in state.runs.live():
             if run.task.is_async:  # (a sync request waiting in line may still get its slot)
                 app.cancel_queued(state, run)
+    server.shutdown()  # (up to half a second: the accept loop's poll interval)
+    server.server_close()
     longest = max((t.timeout_seconds + t.queue_timeout_seconds for t in app.config.tasks.values()), default=0)
     deadline = time.monotonic() + longest + KILL_GRACE_SECONDS + 1
     while app.busy() and time.monotonic() < deadline:

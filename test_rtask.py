@@ -8,7 +8,9 @@ Run: python3 -m pytest -q test_rtask.py
 from __future__ import annotations
 
 import base64
+import collections
 import concurrent.futures
+import contextlib
 import datetime
 import fcntl
 import gc
@@ -6871,6 +6873,31 @@ def test_drain_cancels_queued_async_runs_and_leaves_no_process(start_server, tmp
     assert server.log().count("status=cancelled") == 2
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_drain_never_starts_a_queued_async_run_whose_slot_frees_meanwhile(wk_start, tmp_path, workers):
+    """SIGTERM while the running run is about to end: the async run waiting in line is
+    cancelled and never starts. (The line used to be cancelled only after the listener had
+    stopped, up to half a second later: a slot freed meanwhile started the next run, 5 of 5.)"""
+    server, tokens = wk_start(f"""
+        [tasks.q]
+        command = ["sh", "-c", "sleep 0.3; touch {tmp_path}/ran-$RTASK_TASK_ID"]
+        apiKeyNames = ["ci"]
+        async = true
+        maxConcurrentTasks = 1
+        queueSize = 1
+        """, run_args=("--workers", workers, "--state-dir", str(tmp_path / "st")))
+    first, second = (server.post("q", key=tokens["ci"]).json for _ in range(2))
+    assert (first["status"], second["status"]) == ("running", "queued"), (first, second)
+    time.sleep(0.1)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(15) == 0
+    assert sorted(p.name for p in tmp_path.glob("ran-*")) == [f"ran-{first['task_id']}"]
+    db = sqlite3.connect(tmp_path / "st" / "state.db")
+    statuses = dict(db.execute("SELECT id, status FROM runs").fetchall())
+    db.close()
+    assert statuses == {first["task_id"]: "success", second["task_id"]: "cancelled"}, statuses
+
+
 def test_a_queue_of_runs_that_cannot_start_all_end_and_free_the_slot(start_server, tmp_path):
     workdir = tmp_path / "wd"
     workdir.mkdir()
@@ -9731,6 +9758,65 @@ def test_workers_metrics_are_summed_over_workers(wk_start, tmp_path):
     assert server.metric("task_rejection_total", handler="single", reason="max_concurrent") == 2
 
 
+def _wk_worker_of_connection(conn: http.client.HTTPConnection, server_port: int, workers: list[int]) -> int | None:
+    """Which worker accepted ``conn``: the server side's socket inode, from /proc/net/tcp, in
+    a worker's descriptors."""
+    client_port = conn.sock.getsockname()[1]
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == server_port and int(fields[2].split(":")[1], 16) == client_port:
+            target = f"socket:[{fields[9]}]"
+            for pid in workers:
+                for fd in Path(f"/proc/{pid}/fd").iterdir():
+                    with contextlib.suppress(OSError):
+                        if os.readlink(fd) == target:
+                            return pid
+    return None
+
+
+def test_long_polls_and_event_streams_on_another_worker_get_the_result_when_the_owner_dies(wk_start, tmp_path):
+    """kill -9 of the worker running a run: long-polls and event streams about it that another
+    worker relays get the run's result (failure, with the reason) once the supervisor has
+    recorded it, and a plain read meanwhile waits for it too. They used to end without an
+    answer (long-poll), without the result event (stream), or with 503 for ~2 s (read).
+    (Connections the dead worker itself held die with it.)"""
+    server, tokens = wk_start("""
+        [tasks.a]
+        command = ["sh", "-c", "echo hi; sleep 30"]
+        apiKeyNames = ["ci"]
+        async = true
+        """, run_args=("--workers", "2"))
+    key = tokens["ci"]
+    run_id = server.post("a", key=key).json["task_id"]
+    owner = wait_for(lambda: _wk_owners(tmp_path, "a").get(run_id))
+    conns = []
+    for path in [f"/tasks/a/{run_id}?wait=40", f"/tasks/a/{run_id}/events"] * 12:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.request("GET", path, headers={"Authorization": f"Bearer {key}",
+                                           **({"Accept": "text/event-stream"} if "events" in path else {})})
+        conns.append((conn, path))
+    workers = _wk_worker_pids(server)
+    landed = [wait_for(lambda c=c: _wk_worker_of_connection(c, server.port, workers)) for c, _ in conns]
+    relayed = [(c, path) for (c, path), pid in zip(conns, landed) if pid != owner]
+    assert any("events" in p for _, p in relayed) and any("wait" in p for _, p in relayed), landed
+    os.kill(owner, signal.SIGKILL)
+    read = server.get(f"/tasks/a/{run_id}", key=key).json  # at once: waits for the recorded end
+    assert (read["status"], read["exit_code"]) == ("failure", -1), read
+    for conn, path in relayed:
+        answer = conn.getresponse()
+        body = answer.read().decode()
+        if "events" in path:
+            assert answer.status == 200 and "event: stdout" in body, body
+            result = json.loads(body.rsplit("event: result\ndata: ", 1)[1])
+        else:
+            result = json.loads(body)
+        assert (result["status"], result["exit_code"]) == ("failure", -1), (path, body)
+        assert "worker process running this task died (signal 9)" in result["stderr"], result
+        conn.close()
+    for conn, _ in conns:
+        conn.close()
+
+
 def test_a_killed_worker_is_replaced_and_only_its_runs_fail(wk_start, tmp_path):
     """kill -9 of a worker: a new one takes its place; its run's process group is stopped and
     the run ends as failure with the reason; a run of another worker goes on."""
@@ -10107,15 +10193,91 @@ def test_a_run_holding_a_slot_is_listed_running_by_every_worker(tmp_path):
     assert slots.admit(second, granted.set) == "queued"
 
     def seen_by_the_other():
-        return {r.id: r.summary()["status"] for r in rtask.RunStore(60, other).newest_first(task)}
+        return {line["task_id"]: line["status"] for line in rtask.RunStore(60, other).listing(task)}
     assert seen_by_the_other() == {first.id: "running", second.id: "queued"}
     first.mark_started()
     first.finish("success", 0)
     mine.finish(first, 60, lambda: None)
     mine.write_pending()
-    slots.release()
+    slots.promote()
     assert granted.is_set()
     assert seen_by_the_other() == {first.id: "success", second.id: "running"}
+
+
+def test_a_run_cancelled_in_line_stays_known_to_every_worker(tmp_path):
+    """A run taken out of the line (DELETE) keeps its row until its cancelled end replaces it.
+    Its row used to be deleted and written again: another worker answered 404 for the run
+    meanwhile (17 of 40 cancels, with 6 clients reading). Two stores on one directory are two
+    workers' views; a request refused after its time in line (429) still leaves nothing."""
+    (tmp_path / "config.toml").write_text('[tasks.t]\ncommand = ["true"]\nmaxConcurrentTasks = 1\nqueueSize = 2\n')
+    task = rtask.load_config(str(tmp_path / "config.toml"), rtask.Problems()).tasks["t"]
+    mine, other = rtask.StateStore(str(tmp_path / "state")), rtask.StateStore(str(tmp_path / "state"))
+    slots = rtask.ConcurrencyLimit("t", 1, 2, mine)
+    holder, cancelled, timed_out = (rtask.Run(task, rtask.Caller("ci", "api_key"), "127.0.0.1") for _ in range(3))
+    assert [slots.admit(run, lambda: None) for run in (holder, cancelled, timed_out)] == ["now", "queued", "queued"]
+    assert slots.withdraw(cancelled)
+    seen = other.load(task, cancelled.id)
+    assert seen is not None and seen.summary()["status"] == "queued"
+    assert slots.queued == 1  # no longer in line
+    assert slots.withdraw(timed_out, forget=True)
+    assert other.load(task, timed_out.id) is None
+
+
+def test_a_run_granted_by_another_worker_is_never_shown_queued_by_its_own(tmp_path):
+    """Every listing shows a run running once another worker has granted it a slot; its own
+    worker learns of the grant from a poller every 15 ms. Asked about the run before then,
+    it used to answer "queued" after a listing had said "running" (3 of 30 runs with 2
+    workers): now it starts the run first."""
+    (tmp_path / "config.toml").write_text('[tasks.t]\ncommand = ["true"]\nmaxConcurrentTasks = 1\nqueueSize = 1\n')
+    task = rtask.load_config(str(tmp_path / "config.toml"), rtask.Problems()).tasks["t"]
+    mine, other = rtask.StateStore(str(tmp_path / "state")), rtask.StateStore(str(tmp_path / "state"))
+    holder, waiting = (rtask.Run(task, rtask.Caller("ci", "api_key"), "127.0.0.1") for _ in range(2))
+    started = threading.Event()
+    assert rtask.ConcurrencyLimit("t", 1, 1, other).admit(holder, None) == "now"
+    runs = rtask.RunStore(60, mine)
+    waiting.launch = started.set
+    runs.add(waiting)
+    assert rtask.ConcurrencyLimit("t", 1, 1, mine).admit(waiting, started.set) == "queued"
+    holder.mark_started()
+    holder.finish("success", 0)
+    other.finish(holder, 60, lambda: None)
+    other.write_pending()
+    rtask.ConcurrencyLimit("t", 1, 1, other).promote()  # the other worker grants it the slot
+    assert runs.get(task, waiting.id) is waiting and started.is_set()
+
+
+def test_listings_never_show_more_running_or_queued_than_the_limits(start_server):
+    """One listing joins this worker's live runs and the stored rows: read at two moments,
+    they used to show a run that had ended beside its successor (2 running with
+    maxConcurrentTasks = 1, in 147 of 2506 listings) and requests still asking for a place in
+    line that were then refused (more queued than queueSize)."""
+    server, keys = start_server("""
+        [tasks.q]
+        command = ["sleep", "0.1"]
+        apiKeyNames = ["ci"]
+        async = true
+        maxConcurrentTasks = 1
+        queueSize = 2
+        asyncResultRetentionSeconds = 600
+        """)
+    stop = time.monotonic() + 4
+    wrong = []
+
+    def post():
+        while time.monotonic() < stop:
+            server.post("q", key=keys["ci"])
+
+    def list_runs():
+        while time.monotonic() < stop:
+            counts = collections.Counter(r["status"] for r in server.get("/tasks/q", key=keys["ci"]).json["runs"])
+            if counts["running"] > 1 or counts["queued"] > 2:
+                wrong.append(counts)
+    threads = [threading.Thread(target=post) for _ in range(3)] + [threading.Thread(target=list_runs) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not wrong, wrong[:5]
 
 
 def test_requests_forwarded_to_another_worker_keep_their_path(wk_start):
