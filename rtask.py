@@ -1679,6 +1679,7 @@ class ConcurrencyLimit:
             if admission == "queued":  # last: if it cannot wait here, the row is rolled back
                 self.store.grants.expect(run, on_grant)
         if admission != "full":
+            run.holds_slot = admission == "now"
             run.recorded.set()
         self.store.grants.start(granted)  # (after the commit: a rolled-back grant is no grant)
         return admission
@@ -1704,7 +1705,7 @@ class ConcurrencyLimit:
         granted the whole line at once: set_limits.)"""
         granted = []
         try:
-            if self.limit:
+            if self.limit and self.store.hands_on_slots:
                 with self.store.transaction() as db:
                     granted = promote_queued(db, self.task_name, self.limit)
         finally:
@@ -2714,6 +2715,7 @@ class Run:
         self.status = "queued"
         self.exit_code = -1
         self.launch = None  # while queued: the callable waiting in the task's line
+        self.holds_slot = False  # a concurrency slot is its (admitted or granted): shown running
         self.short_of_resources = False  # not started for want of processes, descriptors or memory
         self.pgid: int | None = None  # its process group once spawned (the leader's pid)
         self.proc_start: int | None = None  # that leader's start time (see process_start_time)
@@ -2754,11 +2756,12 @@ class Run:
     def shown_status(self) -> str:
         """The status callers see. ``finish`` records the outcome before ``publish`` wakes
         the waiters; in between, readers still see the run going, so that no answer shows
-        an ended run without its output and end time. (A run going in another process is
-        "running" once it holds a slot: StateStore._as_run.)"""
+        an ended run without its output and end time. A run is "running" from the moment it
+        holds a slot, before its process is spawned (and, seen from another worker, recorded),
+        so that no answer shows it queued after another said running."""
         if self.done.is_set():
             return self.status
-        return "running" if self.started_at is not None or self.status == "running" else "queued"
+        return "running" if self.started_at is not None or self.holds_slot else "queued"
 
     def summary(self) -> dict:
         """One line of GET /tasks/<name>: no output."""
@@ -2960,6 +2963,11 @@ class Executor:
             self._reactor.run_once()
 
     # -- called from handler threads ---------------------------------------------------------
+
+    def later(self, fn):
+        """Call ``fn()`` on the reactor thread, after its current round: for work that, done
+        inline, could recurse (an end that hands a slot on, whose grantee ends at once...)."""
+        self._reactor.call_soon(fn)
 
     def start(self, run: Run, body: bytes, env: dict[str, str], on_end, wait: bool = False) -> None:
         """Spawn the run's command; ``on_end(run)`` is called (on the thread watching it) when
@@ -3301,6 +3309,7 @@ class StateStore:
         self._pending: dict[str, list] = {}  # run id → [run, retention or None, callbacks]: see write_pending
         self._pending_lock = threading.Lock()
         self._write_depth = 0  # nesting of _writing() in the thread holding self._lock
+        self.hands_on_slots = True  # off in a worker whose supervisor died (watch_supervisor)
         self.grants = Grants(self)
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -3563,8 +3572,7 @@ class StateStore:
         run = Run(task, Caller(row["caller"], "stored"), row["client"])
         run.id, run.created_at, run.started_at = row["id"], row["created_at"], row["started_at"]
         run.status, run.exit_code, run.duration = row["status"], row["exit_code"], row["duration"]
-        if row["expires_at"] is None and run.status in ConcurrencyLimit.HOLDING:
-            run.status = "running"
+        run.holds_slot = row["expires_at"] is None and run.status in ConcurrencyLimit.HOLDING
         run.pgid, run.proc_start, run.owner = row["pgid"], row["proc_start"], row["owner"]
         for name in ("stdout", "stderr"):
             getattr(run, name).data[:] = row.get(name) or b""
@@ -3580,7 +3588,8 @@ class StateStore:
         """End the runs left going by a process that died (``owner``; None: every one, at start):
         stop their process groups (TERM, then KILL after KILL_GRACE_SECONDS) where they are
         still the same processes, and record them as ``failure`` (exit_code -1) with ``reason``
-        in stderr; a run that never started gets the never-started reason. Returns the count."""
+        in stderr; a run that never started gets the never-started reason; their slots go to
+        the lines (unless ``hands_on_slots`` is off). Returns the count."""
         where, params = ("expires_at IS NULL", ()) if owner is None else \
             ("expires_at IS NULL AND owner = ?", (owner,))
         with self._lock:
@@ -3598,7 +3607,8 @@ class StateStore:
         if rows:
             log.warning("runs of an ended server process recorded as failed", extra={"fields": {
                 "runs": len(rows), "groups_stopped": len(groups), "state_dir": self.directory}})
-            self.promote_all()  # their slots are free now
+            if self.hands_on_slots:
+                self.promote_all()  # their slots are free now
         return len(rows)
 
     def save_limits(self, tasks: dict[str, TaskSpec]):
@@ -3643,7 +3653,7 @@ def process_alive(pid: int) -> bool:
             text = f.read()
     except OSError:
         return False
-    return text[text.rindex(b")") + 2:][:1] not in (b"Z", b"X", b"")
+    return bool(text) and text[text.rindex(b")") + 2:][:1] not in (b"Z", b"X")
 
 
 def _same_process_group(pgid: int, proc_start: int | None) -> bool:
@@ -3869,10 +3879,14 @@ class App:
         """A slot was granted to an async run waiting in line: ``start()`` it, unless the
         server is draining (this worker, or any: StateStore.mark_draining): then it never
         starts (README, Signals) but ends cancelled, and the slot goes to the next in line."""
+        run.holds_slot = True
         if not (self.draining or self.store.server_draining()):
             start()
             return
         run.launch = None
+        self.executor.later(lambda: self._cancel_granted(state, run))  # (its end grants the next: no recursion)
+
+    def _cancel_granted(self, state: TaskState, run: Run):
         run.finish("cancelled", -1)
         self._run_ended(state, run)
         self.store.write_pending()
@@ -4445,7 +4459,7 @@ def wait_in_line(state: TaskState, run: Run, start):
     def grant():
         granted.set()
         with run.changed:
-            run.status = "running"  # it holds a slot: listed running before its thread starts it
+            run.holds_slot = True  # (listed running before its thread starts it)
             run.changed.notify_all()
     admission = state.slots.admit(run, grant)
     if admission == "full":
@@ -4909,6 +4923,7 @@ MAX_WORKERS = 256
 QUICK_DEATH_SECONDS = 5.0  # a worker dying sooner than this after its start died "at start-up"
 MAX_QUICK_DEATHS = 5  # that many in a row: the supervisor gives up (exit 1) instead of looping
 SUPERVISOR_CHECK_SECONDS = 0.5  # how often a worker checks that its supervisor still lives
+STOP_CHECK_SECONDS = 0.05  # how often a stopping supervisor looks for workers that ended
 WORKER_START_SECONDS = 30.0  # the longest the supervisor waits for its first workers to serve
 
 
@@ -5113,10 +5128,19 @@ class Supervisor:
         self.listener.close()  # the workers' copies close as each one starts draining
         for proc, _ in self.workers.values():
             proc.send_signal(signal.SIGTERM)
-        for pid, (proc, _) in self.workers.items():
-            if proc.wait() != 0:
-                self.worker_ended(pid, "rtask: the worker process running this task did not drain cleanly")
-            self._remove_socket(pid)
+        draining = dict(self.workers)
+        while draining:  # each as it ends: a worker killed while the others drain is handled at once
+            for pid, (proc, _) in list(draining.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                del draining[pid]
+                if code < 0:
+                    self.worker_ended(pid, f"rtask: the worker process running this task died (signal {-code})")
+                elif code:
+                    self.worker_ended(pid, "rtask: the worker process running this task did not drain cleanly")
+                self._remove_socket(pid)
+            time.sleep(STOP_CHECK_SECONDS)
         log.info("stopped")
         return 0
 
@@ -5149,6 +5173,9 @@ def watch_supervisor(supervisor: int, store: StateStore):
         while os.getppid() == supervisor:
             time.sleep(SUPERVISOR_CHECK_SECONDS)
         store.write_pending()  # every spawned run's row that waits, so that its group is found
+        # A slot freed from now on is not handed on: the run it would start, maybe in another
+        # orphaned worker that has not noticed yet, would have nobody left to stop it.
+        store.hands_on_slots = False
         store.recover_crashed(os.getpid(), "rtask: the supervisor of the worker running this task died")
         os._exit(1)
     threading.Thread(target=watch, name="rtask-supervisor-watch", daemon=True).start()
@@ -5271,7 +5298,7 @@ def _relay_to_owner(h: RequestHandler, run: Run) -> _Relayed:
             tail = window[-len(_RESULT_EVENT):]
     # Closed. An answer with a head is whole (the owner closes after it), but for an event
     # stream without its result: then, and with nothing at all, the owner may have died.
-    stream_cut = b"text/event-stream" in head and not result_seen
+    stream_cut = b"text/event-stream" in head and not result_seen and h.command != "HEAD"
     if (head and not stream_cut) or not _owner_died(run):
         return _Relayed(complete=True)
     return _Relayed(complete=False, stream_started=stream_cut)
