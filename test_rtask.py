@@ -6873,6 +6873,25 @@ def test_drain_cancels_queued_async_runs_and_leaves_no_process(start_server, tmp
     assert server.log().count("status=cancelled") == 2
 
 
+def _posts_on_one_connection(server, task: str, key: str, count: int) -> list[dict]:
+    """``count`` POSTs of ``task`` one after another on one keep-alive connection: answers."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        answers = []
+        for _ in range(count):
+            conn.request("POST", f"/tasks/{task}", headers={"Authorization": f"Bearer {key}"})
+            answers.append(json.loads(conn.getresponse().read()))
+        return answers
+    finally:
+        conn.close()
+
+
+def _line_emptied(server, task: str) -> dict:
+    """/health/detailed of ``task`` once nothing of it runs or waits."""
+    return wait_for(lambda: (d := server.get("/health/detailed").json["tasks"][task])["running"] == 0
+                    and d["queued"] == 0 and d, timeout=20)
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_drain_never_starts_a_queued_async_run_whose_slot_frees_meanwhile(wk_start, tmp_path, workers):
     """SIGTERM, and the running run ends as the drain begins: the async run waiting in line is
@@ -6915,16 +6934,10 @@ def test_a_long_line_granted_during_a_drain_ends_cancelled_without_recursing(wk_
         maxConcurrentTasks = 1
         queueSize = 200
         """, run_args=("--state-dir", str(state)))
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    answers = []
-    for _ in range(151):
-        conn.request("POST", "/tasks/q", headers={"Authorization": f"Bearer {tokens['ci']}"})
-        answers.append(json.loads(conn.getresponse().read())["status"])
-    conn.close()
+    answers = [a["status"] for a in _posts_on_one_connection(server, "q", tokens["ci"], 151)]
     assert answers == ["running"] + ["queued"] * 150, collections.Counter(answers)
     (state / "draining").touch()  # as the supervisor does on SIGTERM, before the worker knows
-    detail = wait_for(lambda: (d := server.get("/health/detailed").json["tasks"]["q"])["running"] == 0
-                      and d["queued"] == 0 and d, timeout=20)
+    detail = _line_emptied(server, "q")
     assert detail["results_kept"] == 151
     statuses = collections.Counter(r["status"] for r in server.get("/tasks/q", key=tokens["ci"]).json["runs"])
     assert statuses == {"success": 1, "cancelled": 150}, statuses
@@ -6943,14 +6956,9 @@ def test_a_queue_of_runs_that_cannot_start_all_end_and_free_the_slot(start_serve
         maxConcurrentTasks = 1
         queueSize = 300
         ''')
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-    ids = []
-    for _ in range(200):
-        conn.request("POST", "/tasks/q", headers={"Authorization": f"Bearer {keys['ci']}"})
-        ids.append(json.loads(conn.getresponse().read())["task_id"])
+    ids = [a["task_id"] for a in _posts_on_one_connection(server, "q", keys["ci"], 200)]
     workdir.rmdir()  # the first run still has it as its cwd; every queued one fails to start
-    detail = wait_for(lambda: (d := server.get("/health/detailed").json["tasks"]["q"])["running"] == 0
-                      and d["queued"] == 0 and d, timeout=20)
+    detail = _line_emptied(server, "q")
     assert detail["results_kept"] == 200
     statuses = [server.get(f"/tasks/q/{i}", key=keys["ci"]).json for i in ids]
     assert sum(s["exit_code"] == -2 for s in statuses) >= 150, statuses[-1]
