@@ -1609,13 +1609,14 @@ class ConcurrencyLimit:
 
     - A slot is held by a run's row in the StateStore from admission (status ``starting``, or
       ``granted`` when it came from the line) until the run ends, also for async runs; a run
-      waiting in line is a ``queued`` row, in admission order (seq). Every check and change is
+      waiting in line is a ``queued`` row, in admission order (seq), and a run taken out of
+      the line a ``withdrawn`` one until its end is written. Every check and change is
       one write transaction, so two processes never both take the last slot.
     - A freed slot goes straight to the first in line (its row becomes ``granted``), so
       newcomers cannot overtake the queue. The process that waits for it learns it at once
       when it freed the slot itself, else from its poller (every GRANT_POLL_SECONDS, only while
-      it has runs in line). A dead worker's rows are ended by the supervisor, which frees
-      their slots.
+      it has runs in line, or at once when asked about one). A dead worker's rows are ended
+      by the supervisor, which frees their slots.
     - An unlimited task takes no lock; its runs are counted (for /health/detailed) from the rows
       their processes write when they start."""
 
