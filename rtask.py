@@ -3627,10 +3627,10 @@ class StateStore:
         self.grants.start(granted)
 
 
-def process_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/<pid>/stat (starttime, in clock ticks after boot), or None when
-    there is no such process. The command name (field 2) may hold spaces and parentheses, so
-    fields are counted after its closing one."""
+def _proc_stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat from field 3 (state) on, or None when there is no such
+    process. The command name (field 2) may hold spaces and parentheses, so fields are
+    counted after its closing one."""
     try:
         fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -3641,20 +3641,21 @@ def process_start_time(pid: int) -> int | None:
         return None
     finally:
         os.close(fd)
-    if not text:
-        return None
-    return int(text[text.rindex(b")") + 2:].split()[19])
+    return text[text.rindex(b")") + 2:].split() if text else None
+
+
+def process_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (starttime, in clock ticks after boot), or None when
+    there is no such process."""
+    fields = _proc_stat_fields(pid)
+    return int(fields[19]) if fields else None
 
 
 def process_alive(pid: int) -> bool:
     """Is ``pid`` a process that has not exited? (A dead worker stays a zombie until the
-    supervisor reaps it; field 3 of /proc/<pid>/stat is then Z.)"""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            text = f.read()
-    except OSError:
-        return False
-    return bool(text) and text[text.rindex(b")") + 2:][:1] not in (b"Z", b"X")
+    supervisor reaps it; its state, field 3, is then Z.)"""
+    fields = _proc_stat_fields(pid)
+    return bool(fields) and fields[0] not in (b"Z", b"X")
 
 
 def _same_process_group(pgid: int, proc_start: int | None) -> bool:
@@ -5082,9 +5083,8 @@ class Supervisor:
             if code is None:
                 continue
             del self.workers[pid]
-            how = f"signal {-code}" if code < 0 else f"exit status {code}"
-            log.error("worker died; starting another", extra={"fields": {"pid": pid, "how": how}})
-            self.worker_ended(pid, f"rtask: the worker process running this task died ({how})")
+            log.error("worker died; starting another", extra={"fields": {"pid": pid, "how": how_it_ended(code)}})
+            self.worker_ended(pid, worker_death_reason(code))
             quick = time.monotonic() - started < QUICK_DEATH_SECONDS
             self.quick_deaths = self.quick_deaths + 1 if quick else 0
             if self.quick_deaths >= MAX_QUICK_DEATHS:
@@ -5137,13 +5137,23 @@ class Supervisor:
                     continue
                 del draining[pid]
                 if code < 0:
-                    self.worker_ended(pid, f"rtask: the worker process running this task died (signal {-code})")
+                    self.worker_ended(pid, worker_death_reason(code))
                 elif code:
                     self.worker_ended(pid, "rtask: the worker process running this task did not drain cleanly")
                 self._remove_socket(pid)
             time.sleep(STOP_CHECK_SECONDS)
         log.info("stopped")
         return 0
+
+
+def how_it_ended(returncode: int) -> str:
+    """A worker's end as Popen reports it (negative: killed by that signal), in words."""
+    return f"signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
+
+
+def worker_death_reason(returncode: int) -> str:
+    """The stderr of the runs of a worker that died (README, Workers)."""
+    return f"rtask: the worker process running this task died ({how_it_ended(returncode)})"
 
 
 class QueueLengths:

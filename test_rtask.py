@@ -9949,9 +9949,9 @@ def test_workers_a_killed_supervisor_leaves_nothing_running(wk_start, tmp_path):
     assert result["status"] == "failure" and "supervisor" in result["stderr"], result
 
 
-def _wk_runs_on_two_workers(server, key, tmp_path, task: str, want_queued: bool):
-    """Post async runs of ``task`` (maxConcurrentTasks = 1) until one holds the slot and
-    another, on a different worker, runs (or, ``want_queued``, waits in line): their ids."""
+def _wk_runs_on_two_workers(server, key, tmp_path, task: str):
+    """Post async runs of ``task`` until a second one lands on another worker than the
+    first (where it runs or waits in line, as the task's limit has it): their ids."""
     first = server.post(task, key=key).json["task_id"]
     owner = wait_for(lambda: _wk_owners(tmp_path, task).get(first))
     for _ in range(60):
@@ -9965,7 +9965,8 @@ def _wk_runs_on_two_workers(server, key, tmp_path, task: str, want_queued: bool)
 def test_workers_of_a_killed_supervisor_start_nothing_from_the_line(wk_start, tmp_path):
     """kill -9 of the supervisor: the worker that stops its running run must not hand its slot
     to a run waiting in line on another worker, which would start with nobody left to stop it
-    (it used to, 3 of 3, and ran to its end)."""
+    (it used to, 3 of 3, and ran to its end). The waiting run's worker is held (SIGSTOP) until
+    the other has stopped its run and exited, so that it learns of the death last."""
     server, tokens = wk_start(f"""
         [tasks.q]
         command = ["sh", "-c", "touch {tmp_path}/ran-$RTASK_TASK_ID; sleep 30"]
@@ -9974,12 +9975,16 @@ def test_workers_of_a_killed_supervisor_start_nothing_from_the_line(wk_start, tm
         maxConcurrentTasks = 1
         queueSize = 60
         """, run_args=("--workers", "2"))
-    running, queued = _wk_runs_on_two_workers(server, tokens["ci"], tmp_path, "q", want_queued=True)
-    workers = _wk_worker_pids(server)
+    running, queued = _wk_runs_on_two_workers(server, tokens["ci"], tmp_path, "q")
+    owners = _wk_owners(tmp_path, "q")
     server.proc.kill()
     server.proc.wait()
-    wait_for(lambda: not any(pid_alive(p) for p in workers), timeout=15)
-    time.sleep(0.5)
+    os.kill(owners[queued], signal.SIGSTOP)
+    try:
+        wait_for(lambda: not pid_alive(owners[running]), timeout=15)
+    finally:
+        os.kill(owners[queued], signal.SIGCONT)
+    wait_for(lambda: not pid_alive(owners[queued]), timeout=15)
     assert sorted(p.name for p in tmp_path.glob("ran-*")) == [f"ran-{running}"]
 
 
@@ -9995,7 +10000,7 @@ def test_a_worker_killed_during_the_drain_has_its_runs_stopped_at_once(wk_start,
         maxConcurrentTasks = 2
         executionTimeoutSeconds = 12
         """, run_args=("--workers", "2", "--state-dir", str(tmp_path / "rtask-state")))
-    survivor_run, doomed = _wk_runs_on_two_workers(server, tokens["ci"], tmp_path, "q", want_queued=False)
+    survivor_run, doomed = _wk_runs_on_two_workers(server, tokens["ci"], tmp_path, "q")
     victim, pgid = _wk_owners(tmp_path, "q")[doomed], _wk_pgid_of_run(doomed)
     server.proc.send_signal(signal.SIGTERM)
     wait_for(lambda: server.log().count("shutting down: finishing running tasks") == 2)
